@@ -1,0 +1,1 @@
+"""Cost model, tile layout, Triton source rendering and the kernel cache."""

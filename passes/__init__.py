@@ -1,0 +1,1 @@
+"""FX graph passes of the patch backend, one per file; ``PIPELINE`` is the literal order."""

@@ -1,0 +1,1 @@
+"""Mask learning (PATCH-Tile, PATCH-Joint) and one-shot pruners. Never imports Triton or FX."""

@@ -1,0 +1,206 @@
+"""Core data types: ``TileMask`` (one weight's tile decision) and ``SiteDecision``.
+
+A weight W of shape (N, K) = (out, in) is cut into tiles of ``tile = (tn, tk)``.
+``tile_kind[i, j]`` is 0 for a dense tile (every weight kept) and 1 for a 2:4 tile (exactly
+2 of every 4 consecutive weights along K kept).  Edge tiles may be ragged; a tile whose width
+is not a multiple of 4 can only be dense.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+DENSE = 0
+SPARSE24 = 1
+
+
+def _check_tile(tile) -> tuple[int, int]:
+    try:
+        tn, tk = (int(t) for t in tile)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"tile must be a pair of ints (tn, tk), got {tile!r}") from exc
+    if tn <= 0 or tk <= 0:
+        raise ValueError(f"tile sizes must be positive, got {tile!r}")
+    if tk % 4:
+        raise ValueError(f"tile width tk={tk} must be a multiple of 4 (2:4 groups run along K)")
+    return tn, tk
+
+
+def grid_of(shape, tile) -> tuple[int, int]:
+    """Number of tile-rows and tile-columns of an (N, K) weight."""
+    n, k = shape
+    return math.ceil(n / tile[0]), math.ceil(k / tile[1])
+
+
+def expand_tiles(tile_kind: torch.Tensor, tile, shape) -> torch.Tensor:
+    """Per-element view of a per-tile tensor, cropped to ``shape`` (no Python loop)."""
+    tn, tk = tile
+    n, k = shape
+    return tile_kind.repeat_interleave(tn, 0)[:n].repeat_interleave(tk, 1)[:, :k]
+
+
+def sparse_allowed(tile, shape) -> torch.Tensor:
+    """bool [nN, nK]: which tiles may be 2:4 (the last tile-column only if its width % 4 == 0)."""
+    nn_, nk = grid_of(shape, tile)
+    ok = torch.ones(nn_, nk, dtype=torch.bool)
+    last_w = shape[1] - (nk - 1) * tile[1]
+    if last_w % 4:
+        ok[:, -1] = False
+    return ok
+
+
+@dataclass(frozen=True, eq=False)
+class TileMask:
+    """One weight's decision. ``mask`` is bool [N, K] in (out, in) orientation."""
+
+    tile: tuple[int, int]
+    tile_kind: torch.Tensor
+    mask: torch.Tensor
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "tile", _check_tile(self.tile))
+        if self.mask.dim() != 2:
+            raise ValueError(f"mask must be 2-D (out, in), got shape {tuple(self.mask.shape)}")
+        object.__setattr__(self, "mask", self.mask.detach().to("cpu", torch.bool).contiguous())
+        object.__setattr__(self, "tile_kind", self.tile_kind.detach().to("cpu", torch.uint8).contiguous())
+        want = grid_of(self.shape, self.tile)
+        if tuple(self.tile_kind.shape) != want:
+            raise ValueError(
+                f"tile_kind has shape {tuple(self.tile_kind.shape)} but a {self.shape} weight with "
+                f"tile {self.tile} has a {want[0]}x{want[1]} tile grid")
+
+    # ---- shape ---------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.mask.shape)  # type: ignore[return-value]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.tile_kind.shape)  # type: ignore[return-value]
+
+    # ---- construction --------------------------------------------------------------------
+    @classmethod
+    def from_kinds(cls, tile, tile_kind: torch.Tensor, mask24: torch.Tensor) -> "TileMask":
+        """Combine a tile map with a 2:4 mask (used inside sparse tiles): M = M_tile + (1-M_tile)·M_2:4."""
+        tile = _check_tile(tile)
+        kind = tile_kind.to(torch.uint8).cpu()
+        per_elem = expand_tiles(kind, tile, tuple(mask24.shape)).bool()
+        return cls(tile, kind, torch.where(per_elem, mask24.cpu().bool(), torch.ones_like(per_elem)))
+
+    @classmethod
+    def dense(cls, shape, tile) -> "TileMask":
+        tile = _check_tile(tile)
+        return cls(tile, torch.zeros(grid_of(shape, tile), dtype=torch.uint8),
+                   torch.ones(tuple(shape), dtype=torch.bool))
+
+    # ---- statistics ----------------------------------------------------------------------
+    def pruned(self) -> int:
+        return int(self.mask.numel() - self.mask.sum())
+
+    def sparsity(self) -> float:
+        return self.pruned() / max(1, self.mask.numel())
+
+    def fraction_sparse_tiles(self) -> float:
+        """Fraction of the weight's *elements* that lie in 2:4 tiles (tiles weighted by size)."""
+        per = expand_tiles(self.tile_kind, self.tile, self.shape)
+        return float(per.float().mean()) if per.numel() else 0.0
+
+    def num_sparse_tiles(self) -> int:
+        return int(self.tile_kind.sum())
+
+    def fingerprint(self) -> str:
+        """Stable hash of the tile map and mask (cached): identifies a (weight, mask) packing."""
+        fp = self._cache.get("fp")
+        if fp is None:
+            h = hashlib.sha1()
+            h.update(repr((self.tile, self.shape)).encode())
+            h.update(self.tile_kind.numpy().tobytes())
+            h.update(pack_bits(self.mask).numpy().tobytes())
+            fp = h.hexdigest()[:16]
+            self._cache["fp"] = fp
+        return fp
+
+    # ---- validation ----------------------------------------------------------------------
+    def validate(self, name: str = "<weight>") -> "TileMask":
+        """Raise ``ValueError`` naming the first bad tile and group; return self when valid."""
+        kind = self.tile_kind
+        if kind.numel() and int(kind.max()) > 1:
+            i, j = (kind > 1).nonzero()[0].tolist()
+            raise ValueError(f"{name}: tile ({i}, {j}) has kind {int(kind[i, j])}; kinds are 0 (dense) and 1 (2:4)")
+        bad_kind = (kind == SPARSE24) & ~sparse_allowed(self.tile, self.shape)
+        if bad_kind.any():
+            i, j = bad_kind.nonzero()[0].tolist()
+            w = self.shape[1] - j * self.tile[1]
+            raise ValueError(f"{name}: tile ({i}, {j}) is 2:4 but its width {w} is not a multiple of 4; "
+                             "such an edge tile can only be dense")
+        per = expand_tiles(kind, self.tile, self.shape).bool()
+        bad_dense = ~per & ~self.mask
+        if bad_dense.any():
+            n, k = bad_dense.nonzero()[0].tolist()
+            raise ValueError(f"{name}: tile ({n // self.tile[0]}, {k // self.tile[1]}) is dense but prunes "
+                             f"weight ({n}, {k}); a dense tile keeps every weight")
+        n_, k_ = self.shape
+        k4 = k_ // 4 * 4
+        if k4:
+            counts = self.mask[:, :k4].reshape(n_, k4 // 4, 4).sum(-1)
+            in_sparse = per[:, :k4:4]
+            bad = in_sparse & (counts != 2)
+            if bad.any():
+                n, g = bad.nonzero()[0].tolist()
+                k = 4 * g
+                tk = self.tile[1]
+                raise ValueError(
+                    f"{name}: tile ({n // self.tile[0]}, {k // tk}) is 2:4 but group {(k % tk) // 4} "
+                    f"(row {n}, columns {k}..{k + 3}) keeps {int(counts[n, g])} of 4 weights; 2:4 keeps exactly 2")
+        return self
+
+
+# ---- bit packing (used by mask files and the fingerprint) ------------------------------------
+_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool tensor → uint8 [ceil(numel/8)], MSB first (numpy.packbits order)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8) * _BITS).sum(1, dtype=torch.uint8) if flat.numel() else flat
+
+
+def unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
+    numel = math.prod(shape)
+    out = (bits.to(torch.uint8).view(-1, 1) & _BITS).ne(0).view(-1)
+    if out.numel() < numel:
+        raise ValueError(f"{bits.numel()} packed bytes cannot hold a {tuple(shape)} mask")
+    return out[:numel].view(*shape)
+
+
+# ---- compile decisions -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SiteDecision:
+    """What the compiler did with one linear site (one row of ``patchc.explain``)."""
+
+    fqn: str
+    n: int
+    k: int
+    dtype: str
+    action: str                     # "hybrid" | "dense" | "skipped"
+    reason: str
+    frac_sparse: float = 0.0        # fraction of the weight in 2:4 tiles
+    sparsity: float = 0.0           # pruned fraction of the weight
+    packed_bytes: int = 0
+    dense_bytes: int = 0
+    kernel: Optional[str] = None
+    site_id: Optional[int] = None
+    form: str = ""                  # how the linear appeared in the graph
+    layout: Optional[dict] = None   # cost-model summary (strategy per M range, thresholds)
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+        return asdict(self)
