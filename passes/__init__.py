@@ -1,1 +1,14 @@
 """FX graph passes of the patch backend, one per file; ``PIPELINE`` is the literal order."""
+from .attach_masks import attach_masks
+from .find_linear_sites import find_linear_sites
+from .map_owners import map_owners
+from .rewrite_linears import rewrite_linears
+
+PIPELINE = [
+    find_linear_sites,
+    map_owners,
+    attach_masks,
+    rewrite_linears,
+]
+
+__all__ = ["PIPELINE", "find_linear_sites", "map_owners", "attach_masks", "rewrite_linears"]

@@ -1,0 +1,109 @@
+"""Pass 3: attach each site's TileMask and decide whether it can be rewritten.
+
+"Can this site be rewritten" is a pure check returning a reason; every "no" becomes a
+``SiteDecision`` a user can read in ``patchc.explain``.  Accepted sites are registered with the
+runtime, which packs their weight once per (weight, mask) per process.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Optional
+
+import torch
+
+from patchc import runtime
+from patchc.plan import mask_from_zeros
+from patchc.types import SiteDecision
+
+from .state import CompileState, LinearSite
+
+log = logging.getLogger("patchc")
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+GRAD_REASON = "weight will receive gradients (grad mode is on and the weight requires grad)"
+
+# inferred masks, per (weight, version, tile): a recompile must not re-infer
+_INFERRED: "weakref.WeakKeyDictionary[torch.Tensor, dict]" = weakref.WeakKeyDictionary()
+
+
+def _inferred_mask(site: LinearSite, tile):
+    w = site.weight
+    cache = _INFERRED.setdefault(w, {})
+    key = (w._version, tuple(tile), site.transposed)
+    if key not in cache:
+        oriented = w.t() if site.transposed else w
+        cache.clear()
+        cache[key] = mask_from_zeros(oriented, tile)
+    return cache[key]
+
+
+def _lookup(plan, site: LinearSite):
+    if site.fqn in plan:
+        return plan[site.fqn]
+    from .map_owners import _from_source
+    alt = _from_source(site.weight_node)
+    if alt and alt in plan:
+        site.fqn, site.owner_via = alt, "grapharg"
+        return plan[alt]
+    return None
+
+
+def can_rewrite(site: LinearSite) -> Optional[str]:
+    """None when the site can run the hybrid op, else the reason it cannot."""
+    if site.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {str(site.dtype).replace('torch.', '')} is not supported (fp16, bf16, fp32)"
+    if site.tile_mask.shape != (site.n, site.k):
+        return f"mask shape {site.tile_mask.shape} differs from the weight's (out, in) {(site.n, site.k)}"
+    xv = site.x.meta.get("example_value") if hasattr(site.x, "meta") else None
+    if xv is not None and xv.dtype != site.dtype:
+        return f"input dtype {xv.dtype} differs from weight dtype {site.dtype}"
+    if torch.is_grad_enabled() and site.weight.requires_grad:
+        return GRAD_REASON
+    return None
+
+
+def _decision(site: LinearSite, action: str, reason: str, **kw) -> SiteDecision:
+    tm = site.tile_mask
+    itemsize = site.weight.element_size()
+    return SiteDecision(
+        fqn=site.fqn, n=site.n, k=site.k, dtype=str(site.dtype).replace("torch.", ""), action=action,
+        reason=reason, frac_sparse=tm.fraction_sparse_tiles() if tm is not None else 0.0,
+        sparsity=tm.sparsity() if tm is not None else 0.0, dense_bytes=site.n * site.k * itemsize,
+        form=site.form, **kw)
+
+
+def attach_masks(state: CompileState) -> None:
+    cfg = state.config
+    for s in state.sites:
+        if state.plan is not None:
+            s.tile_mask = _lookup(state.plan, s)
+            if s.tile_mask is None:
+                s.decision = _decision(s, "skipped", "not in the mask plan")
+                continue
+        else:
+            s.tile_mask = _inferred_mask(s, cfg.tile)
+        if s.tile_mask.num_sparse_tiles() == 0:
+            reason = "no 2:4 tile in its mask" if s.tile_mask.pruned() == 0 else "no 2:4 tile; masked dense"
+            s.decision = _decision(s, "dense", reason)
+            if s.tile_mask.pruned():
+                s.entry = runtime.register_site(s.weight, s.tile_mask, s.transposed, s.fqn)
+            continue
+        why = can_rewrite(s)
+        if why is not None:
+            if cfg.fallback == "error":
+                raise RuntimeError(f"patchc: cannot rewrite {s.fqn} ({s.n}x{s.k}, {s.dtype}): {why} "
+                                   "(fallback='error')")
+            log.info("patchc: %s stays a masked dense linear: %s", s.fqn, why)
+            s.entry = runtime.register_site(s.weight, s.tile_mask, s.transposed, s.fqn)
+            s.decision = _decision(s, "dense", f"fallback: {why}")
+            continue
+        s.entry = runtime.register_site(s.weight, s.tile_mask, s.transposed, s.fqn)
+        s.entry.kernel = cfg.kernel
+        s.decision = _decision(s, "hybrid", "rewritten to patchc::hybrid_linear")
+    rewritable = [s for s in state.sites if s.decision.action != "skipped"]
+    if rewritable and all(s.decision.reason == f"fallback: {GRAD_REASON}" for s in rewritable):
+        import warnings
+        warnings.warn("patchc: every site was left dense because grad mode is on and the weights require "
+                      "grad; run under torch.inference_mode() (or torch.no_grad()) or freeze the weights "
+                      "(requires_grad_(False)) to get the hybrid kernels", stacklevel=2)

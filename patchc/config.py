@@ -1,0 +1,91 @@
+"""``PatchConfig``: every option of the ``patch`` backend, parsed strictly."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Optional
+
+_CHOICES = {
+    "inner": ("inductor", "eager"),
+    "fallback": ("dense", "error"),
+    "kernel": ("auto", "triton", "reference"),
+}
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    """Options of ``torch.compile(model, backend="patch", options={...})`` / ``patchc.compile``.
+
+    plan        a ``MaskPlan`` or a path to a mask file; ``None``: infer each tile from the weights
+    tile        tile size (tn, tk) used when the plan is inferred from the weights
+    inner       what runs the rest of the graph: "inductor" (default) or "eager"
+    fallback    a site that cannot be rewritten: "dense" (masked dense linear) or "error" (raise)
+    kernel      "auto" (Triton on CUDA, reference on CPU), "triton" (everywhere; on CPU needs
+                TRITON_INTERPRET=1), "reference"
+    cache_dir   where generated kernels are written (default: the user cache dir, or $PATCHC_CACHE_DIR)
+    dump_dir    write the graph before and after each pass there
+    device      the GPU the cost model plans for when no CUDA device is present (default h200,
+                or $PATCHC_DEVICE)
+    fusion      fuse sibling linears that read the same input into one kernel
+    m_max       largest number of rows (tokens) the dispatch thresholds are planned for
+    release_dense  free the dense weights of rewritten sites (``patchc.compile`` only)
+    """
+
+    plan: Any = None
+    tile: tuple[int, int] = (128, 128)
+    inner: str = "inductor"
+    fallback: str = "dense"
+    kernel: str = "auto"
+    cache_dir: Optional[str] = None
+    dump_dir: Optional[str] = None
+    device: Optional[str] = None
+    fusion: bool = True
+    m_max: int = 65536
+    release_dense: bool = False
+    mode: Optional[str] = field(default=None, repr=False)   # torch.compile mode, forwarded to inductor
+
+    @classmethod
+    def valid_keys(cls) -> list[str]:
+        return sorted(f.name for f in fields(cls) if f.name != "mode")
+
+    @classmethod
+    def from_options(cls, options: Optional[Mapping[str, Any]] = None, mode: Optional[str] = None) -> "PatchConfig":
+        """Parse ``options``; an unknown key or a bad value raises ``ValueError`` naming it."""
+        opts = dict(options or {})
+        if not isinstance(options, (Mapping, type(None))):
+            raise ValueError(f"patch backend options must be a dict, got {type(options).__name__}")
+        unknown = sorted(set(opts) - set(cls.valid_keys()))
+        if unknown:
+            raise ValueError(f"unknown patch backend option(s) {unknown}; valid options are: "
+                             f"{', '.join(cls.valid_keys())}")
+        for key, allowed in _CHOICES.items():
+            if key in opts and opts[key] not in allowed:
+                raise ValueError(f"option {key}={opts[key]!r} is not one of {list(allowed)}")
+        if "tile" in opts:
+            t = opts["tile"]
+            if (not isinstance(t, (tuple, list)) or len(t) != 2 or not all(isinstance(v, int) and v > 0 for v in t)
+                    or t[1] % 4):
+                raise ValueError(f"option tile={t!r} must be two positive ints (tn, tk) with tk a multiple of 4")
+            opts["tile"] = (int(t[0]), int(t[1]))
+        for key in ("cache_dir", "dump_dir"):
+            if opts.get(key) is not None:
+                opts[key] = os.fspath(opts[key])
+        if "plan" in opts and opts["plan"] is not None:
+            from .plan import MaskPlan
+            if not isinstance(opts["plan"], (MaskPlan, str, os.PathLike)):
+                raise ValueError(f"option plan must be a MaskPlan or a path to a mask file, got {type(opts['plan']).__name__}")
+            if isinstance(opts["plan"], os.PathLike):
+                opts["plan"] = os.fspath(opts["plan"])
+        if "m_max" in opts and (not isinstance(opts["m_max"], int) or opts["m_max"] < 1):
+            raise ValueError(f"option m_max={opts['m_max']!r} must be a positive int")
+        for key in ("fusion", "release_dense"):
+            if key in opts and not isinstance(opts[key], bool):
+                raise ValueError(f"option {key}={opts[key]!r} must be True or False")
+        return cls(**opts, mode=mode)
+
+    def replace(self, **kw) -> "PatchConfig":
+        return dataclasses.replace(self, **kw)
+
+    def planning_device(self) -> str:
+        return self.device or os.environ.get("PATCHC_DEVICE", "h200")

@@ -1,0 +1,213 @@
+"""Runtime: the packed-weight registry, the counters, and the ``patchc::`` custom ops.
+
+The compiled graph calls ``torch.ops.patchc.hybrid_linear(x, weight, bias, site_id)``. The op
+finds its packed buffers by ``site_id`` (inductor rejects ``get_attr`` constants in a backend's
+graph); the weight is passed too so the op can notice an in-place change (``weight._version``)
+and re-pack instead of computing with stale data.  Sites that fall back run
+``patchc::masked_linear``, which multiplies by the mask on the fly, so every path computes with
+the masked weight.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .packing import PackedWeight, pack, unpack
+from .types import TileMask
+
+log = logging.getLogger("patchc")
+
+
+class Counters(collections.Counter):
+    """Process-wide event counts (``patchc.counters``): sites rewritten, op calls per path."""
+
+    def reset(self) -> None:
+        self.clear()
+
+
+counters = Counters()
+
+
+class SiteEntry:
+    """One (weight, mask) pair known to the runtime: its packed form and how to run it."""
+
+    def __init__(self, site_id: int, weight: Tensor, tile_mask: TileMask, transposed: bool, fqn: str):
+        self.site_id = site_id
+        self.fqn = fqn
+        self.tile_mask = tile_mask
+        self.transposed = transposed          # weight stored (in, out); the mask is (out, in)
+        self._weight = weakref.ref(weight)
+        self.kernel = "auto"                  # "auto" | "triton" | "reference" (set by the backend)
+        self.runner = None                    # the hybrid launcher, set by codegen (None: reference)
+        self.packed: Optional[PackedWeight] = None
+        self.row_order = None
+        self._mask_cache: dict = {}
+        self._lock = threading.Lock()
+        self._version = None
+        self._ptr = None
+
+    # ---- packing ---------------------------------------------------------------------------
+    def oriented(self, weight: Tensor) -> Tensor:
+        return weight.t() if self.transposed else weight
+
+    def repack(self, weight: Tensor, row_order=None) -> PackedWeight:
+        if row_order is not None:
+            self.row_order = row_order
+        with torch.no_grad():
+            self.packed = pack(self.oriented(weight), self.tile_mask, self.row_order)
+        self._version, self._ptr = weight._version, weight.data_ptr()
+        counters["packs"] += 1
+        return self.packed
+
+    def packed_for(self, weight: Tensor) -> PackedWeight:
+        """The packed weight, re-packed (with a warning) if ``weight`` changed since packing."""
+        if self.packed is None or weight._version != self._version or weight.data_ptr() != self._ptr:
+            with self._lock:
+                if self.packed is not None and (weight._version != self._version or weight.data_ptr() != self._ptr):
+                    log.warning("patchc: weight of %s changed after compile; re-packing it", self.fqn)
+                    counters["repacks"] += 1
+                if self.packed is None or weight._version != self._version or weight.data_ptr() != self._ptr:
+                    self.repack(weight)
+        return self.packed
+
+    def mask_on(self, device, dtype) -> Tensor:
+        key = (str(device), dtype)
+        m = self._mask_cache.get(key)
+        if m is None:
+            m = self.tile_mask.mask.to(device=device, dtype=dtype)
+            m = m.t() if self.transposed else m
+            self._mask_cache[key] = m
+        return m
+
+    # ---- execution -------------------------------------------------------------------------
+    def run_hybrid(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        p = self.packed_for(weight)
+        counters["hybrid_calls"] += 1
+        use_ref = self.kernel == "reference" or (self.kernel == "auto" and x.device.type != "cuda")
+        if use_ref or self.runner is None:
+            counters["reference_calls"] += 1
+            return reference_linear(x, p, bias)
+        return self.runner(self, x, p, bias)
+
+
+_REGISTRY: dict[int, SiteEntry] = {}
+_BY_KEY: dict[tuple, int] = {}
+_IDS = itertools.count()
+_REG_LOCK = threading.Lock()
+
+
+def register_site(weight: Tensor, tile_mask: TileMask, transposed: bool, fqn: str) -> SiteEntry:
+    """The entry for (weight, mask), created and packed once per process and shared by every
+    graph that uses the weight (recompiles for new shapes reuse it)."""
+    key = (id(weight), tile_mask.fingerprint(), transposed)
+    with _REG_LOCK:
+        sid = _BY_KEY.get(key)
+        if sid is not None:
+            e = _REGISTRY[sid]
+            if e._weight() is weight:
+                return e
+        e = SiteEntry(next(_IDS), weight, tile_mask, transposed, fqn)
+        _REGISTRY[e.site_id] = e
+        _BY_KEY[key] = e.site_id
+        weakref.finalize(weight, _forget, key, e.site_id)
+        return e
+
+
+def _forget(key, sid) -> None:
+    with _REG_LOCK:
+        if _BY_KEY.get(key) == sid:
+            del _BY_KEY[key]
+        _REGISTRY.pop(sid, None)
+
+
+def get_entry(site_id: int) -> SiteEntry:
+    try:
+        return _REGISTRY[site_id]
+    except KeyError:
+        raise RuntimeError(f"patchc: site {site_id} is not registered in this process (its weight was freed?)") from None
+
+
+def reference_linear(x: Tensor, p: PackedWeight, bias: Optional[Tensor]) -> Tensor:
+    """The reference implementation, computed from the packed format."""
+    w = unpack(p)
+    if w.device != x.device:
+        w = w.to(x.device)
+    return F.linear(x, w.to(x.dtype), bias)
+
+
+def _out_shape(x: Tensor, n: int):
+    return (*x.shape[:-1], n)
+
+
+# ---- the custom ops -------------------------------------------------------------------------
+@torch.library.custom_op("patchc::hybrid_linear", mutates_args=())
+def hybrid_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], site_id: int) -> Tensor:
+    """y = x · (W ⊙ M)ᵀ + b for a rewritten site, computed from its packed weight."""
+    return get_entry(site_id).run_hybrid(x, weight, bias)
+
+
+@hybrid_linear.register_fake
+def _hybrid_fake(x, weight, bias, site_id):
+    n = get_entry(site_id).tile_mask.shape[0]
+    return x.new_empty(_out_shape(x, n))
+
+
+@torch.library.custom_op("patchc::masked_linear", mutates_args=())
+def masked_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], site_id: int) -> Tensor:
+    """The dense fallback: y = x · (W ⊙ M)ᵀ + b with the mask applied on the fly."""
+    e = get_entry(site_id)
+    counters["masked_dense_calls"] += 1
+    return F.linear(x, _masked_w(e, weight), bias)
+
+
+@masked_linear.register_fake
+def _masked_fake(x, weight, bias, site_id):
+    return x.new_empty(_out_shape(x, get_entry(site_id).tile_mask.shape[0]))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, site_id = inputs
+    ctx.site_id = site_id
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight)
+
+
+def _masked_w(e: SiteEntry, weight: Tensor) -> Tensor:
+    """Masked weight in (out, in) orientation."""
+    m = e.mask_on(weight.device, weight.dtype)
+    return e.oriented(weight * m)
+
+
+def _grad_bias(grad: Tensor, has_bias: bool):
+    return grad.reshape(-1, grad.shape[-1]).sum(0) if has_bias else None
+
+
+def _hybrid_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    e = get_entry(ctx.site_id)
+    w = unpack(e.packed_for(weight)).to(grad.dtype)
+    return grad @ w, None, _grad_bias(grad, ctx.has_bias), None
+
+
+def _masked_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    e = get_entry(ctx.site_id)
+    gx = grad @ _masked_w(e, weight).to(grad.dtype)
+    gw = None
+    if ctx.needs_input_grad[1]:
+        g = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])     # (out, in)
+        g = e.oriented(g) if e.transposed else g
+        gw = g * e.mask_on(weight.device, weight.dtype)
+    return gx, gw, _grad_bias(grad, ctx.has_bias), None
+
+
+hybrid_linear.register_autograd(_hybrid_backward, setup_context=_setup)
+masked_linear.register_autograd(_masked_backward, setup_context=_setup)
