@@ -1,6 +1,7 @@
 """FX graph passes of the patch backend, one per file; ``PIPELINE`` is the literal order."""
 from .attach_masks import attach_masks
 from .find_linear_sites import find_linear_sites
+from .generate_kernels import generate_kernels
 from .map_owners import map_owners
 from .rewrite_linears import rewrite_linears
 
@@ -8,7 +9,8 @@ PIPELINE = [
     find_linear_sites,
     map_owners,
     attach_masks,
+    generate_kernels,
     rewrite_linears,
 ]
 
-__all__ = ["PIPELINE", "find_linear_sites", "map_owners", "attach_masks", "rewrite_linears"]
+__all__ = ["PIPELINE", "find_linear_sites", "map_owners", "attach_masks", "generate_kernels", "rewrite_linears"]

@@ -24,18 +24,19 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GRAD_REASON = "weight will receive gradients (grad mode is on and the weight requires grad)"
 
 # inferred masks, per (weight, version, tile): a recompile must not re-infer
-_INFERRED: "weakref.WeakKeyDictionary[torch.Tensor, dict]" = weakref.WeakKeyDictionary()
+_INFERRED: dict[int, tuple] = {}
 
 
 def _inferred_mask(site: LinearSite, tile):
     w = site.weight
-    cache = _INFERRED.setdefault(w, {})
-    key = (w._version, tuple(tile), site.transposed)
-    if key not in cache:
-        oriented = w.t() if site.transposed else w
-        cache.clear()
-        cache[key] = mask_from_zeros(oriented, tile)
-    return cache[key]
+    key = (w._version, w.data_ptr(), tuple(tile), site.transposed)
+    hit = _INFERRED.get(id(w))
+    if hit is not None and hit[0]() is w and hit[1] == key:
+        return hit[2]
+    tm = mask_from_zeros(w.t() if site.transposed else w, tile)
+    _INFERRED[id(w)] = (weakref.ref(w), key, tm)
+    weakref.finalize(w, _INFERRED.pop, id(w), None)
+    return tm
 
 
 def _lookup(plan, site: LinearSite):
@@ -70,7 +71,7 @@ def _decision(site: LinearSite, action: str, reason: str, **kw) -> SiteDecision:
         fqn=site.fqn, n=site.n, k=site.k, dtype=str(site.dtype).replace("torch.", ""), action=action,
         reason=reason, frac_sparse=tm.fraction_sparse_tiles() if tm is not None else 0.0,
         sparsity=tm.sparsity() if tm is not None else 0.0, dense_bytes=site.n * site.k * itemsize,
-        form=site.form, **kw)
+        form=site.form, node=site.node.name, **kw)
 
 
 def attach_masks(state: CompileState) -> None:

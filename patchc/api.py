@@ -105,7 +105,7 @@ class ExplainReport:
             disp = ""
             if d.layout and d.layout.get("thresholds"):
                 disp = " [" + d.layout.get("summary", "") + "]"
-            rows.append((d.fqn, str(d.n), str(d.k), d.dtype, d.action, f"{d.frac_sparse:.2f}", f"{d.sparsity:.3f}",
+            rows.append((d.fqn or "<root>", str(d.n), str(d.k), d.dtype, d.action, f"{d.frac_sparse:.2f}", f"{d.sparsity:.3f}",
                          ratio, d.kernel or "-", d.reason + disp))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         lines = [head, ""]
@@ -140,12 +140,12 @@ def explain(compiled) -> ExplainReport:
         return ExplainReport([], [], 0, False,
                              "patchc: nothing compiled yet: torch.compile is lazy, call the compiled model once "
                              "(e.g. under torch.inference_mode()) and then explain it")
-    latest: dict[str, SiteDecision] = {}
-    for r in recs:
+    latest: dict[tuple, SiteDecision] = {}
+    for r in recs:                      # a recompile (new shapes) re-decides the same sites
         for d in r.decisions:
-            latest[d.fqn] = d
+            latest[(d.fqn, d.node)] = d
     plan_keys = set().union(*(set(r.plan_keys) for r in recs))
-    unmatched = sorted(plan_keys - set(latest))
+    unmatched = sorted(plan_keys - {fqn for fqn, _ in latest})
     return ExplainReport(list(latest.values()), unmatched, len(recs), True)
 
 

@@ -134,7 +134,7 @@ def pack(weight: torch.Tensor, tile_mask: TileMask, row_order: Optional[torch.Te
     pad = (-ngroups) % 8
     if pad:
         code = torch.nn.functional.pad(code, (0, pad))
-    code = code.view(code.shape[0], tn, -1, 8)
+    code = code.view(code.shape[0], tn, code.shape[-1] // 8, 8)
     word = (code << (4 * torch.arange(8, device=dev))).sum(-1)
     word = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).contiguous()
 

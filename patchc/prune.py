@@ -120,3 +120,10 @@ def magnitude_hybrid(model: nn.Module, target_sparsity: float, tile=(128, 128),
     masks = {n: TileMask.from_kinds(tile, kinds[n], m24[n]) for n in mods}
     return MaskPlan(masks, {"tile": list(tile), "method": "magnitude-hybrid", "target_sparsity": target,
                             "fingerprint": fingerprint(model, mods)})
+
+
+def __getattr__(name):  # re-export: patchc.prune.oneshot lives in patchc.learn.oneshot (lazy: no import cycle)
+    if name == "oneshot":
+        from .learn.oneshot import oneshot
+        return oneshot
+    raise AttributeError(f"module 'patchc.prune' has no attribute {name!r}")

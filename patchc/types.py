@@ -199,6 +199,7 @@ class SiteDecision:
     kernel: Optional[str] = None
     site_id: Optional[int] = None
     form: str = ""                  # how the linear appeared in the graph
+    node: str = ""                  # the graph node it replaced (tells apart sites of one module)
     layout: Optional[dict] = None   # cost-model summary (strategy per M range, thresholds)
 
     def to_dict(self) -> dict:

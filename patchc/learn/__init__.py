@@ -1,1 +1,29 @@
-"""Mask learning (PATCH-Tile, PATCH-Joint) and one-shot pruners. Never imports Triton or FX."""
+"""Mask learning (PATCH-Tile, PATCH-Joint) and one-shot pruners. Never imports Triton or FX.
+
+Public names load on first use (PEP 562), so ``import patchc.learn`` stays light:
+
+- :func:`learn_masks`, :class:`LearnConfig` — learn a hybrid dense/2:4 tile plan;
+- :func:`oneshot`, :func:`oneshot_hybrid` — magnitude / Wanda / SparseGPT without learning;
+- :func:`plan_from_npz` — a plan from a released ``.npz`` mask file (MaskLLM, PATCH);
+- :func:`masked_forward` — run a model with a plan's masks applied on the fly.
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "learn_masks": "patchc.learn.trainer",
+    "LearnConfig": "patchc.learn.config",
+    "oneshot": "patchc.learn.oneshot",
+    "oneshot_hybrid": "patchc.learn.oneshot",
+    "plan_from_npz": "patchc.learn.npz",
+    "masked_forward": "patchc.learn.masking",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'patchc.learn' has no attribute {name!r}")

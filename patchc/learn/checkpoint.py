@@ -1,0 +1,129 @@
+"""Adam over the mask logits, and resumable checkpoints (safetensors + JSON header, no pickle).
+
+A checkpoint holds everything the rest of a run depends on: the logits, the fixed 2:4 prior
+masks (so a resume does not recompute a SparseGPT prior), Adam's moments and step count, the
+Gumbel generator's state and torch's global RNG state (uint8 tensors), and the next step.
+Resuming with the same config therefore continues bit-for-bit where the run stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+from ..types import pack_bits, unpack_bits
+
+FORMAT = "patchc.learn-checkpoint"
+VERSION = 1
+FILENAME = "learn_ckpt.safetensors"
+# options a resumed run must share with the run that wrote the checkpoint
+MUST_MATCH = ("mode", "target_sparsity", "tile", "prior", "prior_sparsity", "prior_strength", "calib_batches",
+              "steps", "lr", "tau", "kappa_tile", "kappa_24", "lambda1", "lambda2", "include", "exclude",
+              "seed", "loss")
+
+
+class Adam:
+    """Plain Adam on a list of parameters; its state is two tensors per parameter and ``t``.
+    (Own implementation: its state round-trips through safetensors without pickle, and
+    ``torch.optim`` would pull dynamo into ``patchc.learn``.)"""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lr, self.betas, self.eps = list(params), float(lr), betas, eps
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            g = p.grad
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.addcdiv_(m, (v / bc2).sqrt_().add_(self.eps), value=-self.lr / bc1)
+
+
+def checkpoint_path(directory: str) -> str:
+    return os.path.join(directory, FILENAME)
+
+
+def save_checkpoint(directory: str, next_step: int, layers, adam: Adam, gen: torch.Generator, cfg) -> str:
+    """Write ``learn_ckpt.safetensors`` atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for layer in layers:
+        tensors[f"{layer.name}.tile_logits"] = layer.tile_logits.detach().cpu().contiguous()
+        if layer.pattern_logits is not None:
+            tensors[f"{layer.name}.pattern_logits"] = layer.pattern_logits.detach().cpu().contiguous()
+        tensors[f"{layer.name}.mask24"] = pack_bits(layer.mask24.cpu())
+    for i, (m, v) in enumerate(zip(adam.m, adam.v)):
+        tensors[f"adam.m.{i}"], tensors[f"adam.v.{i}"] = m.cpu().contiguous(), v.cpu().contiguous()
+    tensors["rng.gumbel"] = gen.get_state().cpu()
+    tensors["rng.torch"] = torch.get_rng_state()
+    header = {"format": FORMAT, "version": VERSION, "next_step": int(next_step), "adam_t": adam.t,
+              "config": {k: cfg.to_dict()[k] for k in MUST_MATCH},
+              "layers": {layer.name: list(layer.shape) for layer in layers}}
+    os.makedirs(directory, exist_ok=True)
+    path = checkpoint_path(directory)
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata={"patchc": json.dumps(header)})
+    os.replace(tmp, path)
+    return path
+
+
+def read_checkpoint(directory: str, cfg, shapes: dict[str, tuple]) -> Optional[dict]:
+    """The checkpoint in ``directory`` as ``{"header", "tensors"}``, or None when there is none.
+    Raises ``ValueError`` naming the options or layers that differ from this run."""
+    from safetensors import safe_open
+
+    path = checkpoint_path(directory)
+    if not os.path.isfile(path):
+        return None
+    with safe_open(path, framework="pt") as f:
+        header = json.loads((f.metadata() or {}).get("patchc", "{}"))
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if header.get("format") != FORMAT or header.get("version") != VERSION:
+        raise ValueError(f"{path}: not a patchc learning checkpoint (version {VERSION})")
+    now = {k: cfg.to_dict()[k] for k in MUST_MATCH}
+    diff = [f"{k}: checkpoint {header['config'].get(k)!r} vs now {now[k]!r}"
+            for k in MUST_MATCH if json.dumps(header["config"].get(k)) != json.dumps(now[k])]
+    if diff:
+        raise ValueError(f"{path}: cannot resume, LearnConfig differs from the checkpointed run: " + "; ".join(diff))
+    want = {n: list(s) for n, s in shapes.items()}
+    if header["layers"] != want:
+        bad = sorted(set(header["layers"]) ^ set(want)) or [n for n in want if header["layers"].get(n) != want[n]]
+        raise ValueError(f"{path}: cannot resume, the checkpoint covers different layers or shapes: {bad[:5]}")
+    return {"header": header, "tensors": tensors, "path": path}
+
+
+def restore_state(ckpt: dict, layers, adam: Adam, gen: torch.Generator) -> int:
+    """Load logits, Adam and RNG states from ``ckpt``; returns the step to continue at."""
+    t = ckpt["tensors"]
+    with torch.no_grad():
+        for layer in layers:
+            layer.tile_logits.copy_(t[f"{layer.name}.tile_logits"])
+            if layer.pattern_logits is not None:
+                layer.pattern_logits.copy_(t[f"{layer.name}.pattern_logits"])
+        for i, (m, v) in enumerate(zip(adam.m, adam.v)):
+            m.copy_(t[f"adam.m.{i}"])
+            v.copy_(t[f"adam.v.{i}"])
+    adam.t = int(ckpt["header"]["adam_t"])
+    gen.set_state(t["rng.gumbel"])
+    torch.set_rng_state(t["rng.torch"])
+    return int(ckpt["header"]["next_step"])
+
+
+def checkpoint_mask24(ckpt: dict, name: str, shape) -> torch.Tensor:
+    """The prior 2:4 mask a checkpoint stored for layer ``name``."""
+    return unpack_bits(ckpt["tensors"][f"{name}.mask24"], tuple(shape))

@@ -1,0 +1,147 @@
+"""``LearnConfig``: every option of mask learning, validated when built; linear schedules."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..prune import check_target
+from ..types import _check_tile
+
+MODES = ("tile", "joint")
+PRIORS = ("magnitude", "wanda", "sparsegpt")
+LOSSES = ("lm", "distill")
+# The paper's schedules: tile logit scale kappa for PATCH-Joint / PATCH-Tile.
+DEFAULT_KAPPA_TILE = {"joint": (25.0, 350.0), "tile": (100.0, 500.0)}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+
+
+def parse_dtype(dtype) -> Optional[torch.dtype]:
+    """``None``, a ``torch.dtype`` or a name ("bf16", "float32", …) → ``torch.dtype``."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).replace("torch.", "").lower()
+    if key not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[key]
+
+
+def _pair(name: str, value) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in value)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"LearnConfig.{name} must be a (start, end) pair of numbers, got {value!r}") from exc
+    if a <= 0 or b <= 0:
+        raise ValueError(f"LearnConfig.{name} values must be positive, got {value!r}")
+    return a, b
+
+
+@dataclass
+class LearnConfig:
+    """Options of :func:`patchc.learn_masks` (PATCH-Tile / PATCH-Joint).
+
+    mode: ``"tile"`` (2:4 pattern fixed by the one-shot ``prior``) or ``"joint"`` (the 2:4
+        pattern of every group of 4 is learned too, MaskLLM-style, among its 6 choices).
+    target_sparsity: global pruned fraction of the planned weights, in [0, 0.5]; the extracted
+        hard plan meets it within ±0.5 % (or the closest the tile grid allows, with a warning).
+    tile: (rows, cols) of a tile over the (out, in) weight; cols must be a multiple of 4.
+    prior: one-shot method that initialises the logits (``magnitude``, ``wanda``, ``sparsegpt``).
+    prior_sparsity: sparsity of the unstructured one-shot pruning whose per-tile density is the
+        tile prior (0.5: the density a 2:4 tile would have).
+    prior_strength: logit gap at step 0, in units of the Gumbel noise scale (both logit kinds).
+    calib_batches: how many of the batches the prior (wanda / sparsegpt) is computed on.
+    steps, lr: optimisation steps and Adam learning rate of the logits.
+    tau: Gumbel-softmax temperature (start, end), moved linearly over the steps.
+    kappa_tile: tile-logit scale (start, end); ``None`` = the paper's per-mode default.
+    kappa_24: 2:4 pattern-logit scale (start, end) (joint mode).
+    lambda1: weight of |soft density − target density| (global, parameter-weighted).
+    lambda2: weight of the decaying magnitude term −λ2·(1 − t/T)·‖M⊙W‖/‖W‖.
+    include, exclude: fnmatch patterns on module FQNs; default every linear of the decoder
+        blocks (not the embeddings, not the LM head).
+    seed: seeds the Gumbel noise; equal seeds give equal plans (also across a resume).
+    device, dtype: where and in which precision the frozen weights live during learning (the
+        model is moved there, like ``model.to``); logits are always float32.
+    grad_checkpointing: recompute each decoder block's activations in backward (torch.utils.checkpoint).
+    checkpoint_dir, checkpoint_every, resume: periodic safetensors+JSON checkpoints (no pickle);
+        ``resume=True`` continues from the checkpoint in ``checkpoint_dir`` when there is one.
+    loss: ``"lm"`` (next-token cross-entropy) or ``"distill"`` (KL to the same model run with its
+        masks switched off, under no_grad).
+    log_path: JSON-lines log, one record per step (default ``checkpoint_dir/learn_log.jsonl``).
+    progress: show a tqdm bar (rank 0 only).
+    """
+
+    mode: str = "tile"
+    target_sparsity: float = 0.35
+    tile: Sequence[int] = (128, 128)
+    prior: str = "magnitude"
+    prior_sparsity: float = 0.5
+    prior_strength: float = 3.0
+    calib_batches: int = 16
+    steps: int = 100
+    lr: float = 2e-3
+    tau: Sequence[float] = (4.0, 0.05)
+    kappa_tile: Optional[Sequence[float]] = None
+    kappa_24: Sequence[float] = (100.0, 500.0)
+    lambda1: float = 5.0
+    lambda2: float = 0.1
+    include: Optional[Sequence[str]] = None
+    exclude: Optional[Sequence[str]] = None
+    seed: int = 0
+    device: Optional[str] = None
+    dtype: Optional[object] = None
+    grad_checkpointing: bool = False
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 50
+    resume: bool = False
+    loss: str = "lm"
+    log_path: Optional[str] = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"LearnConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.prior not in PRIORS:
+            raise ValueError(f"LearnConfig.prior must be one of {PRIORS}, got {self.prior!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"LearnConfig.loss must be one of {LOSSES}, got {self.loss!r}")
+        self.target_sparsity = check_target(self.target_sparsity)
+        self.tile = _check_tile(self.tile)
+        if not 0.0 < float(self.prior_sparsity) < 1.0:
+            raise ValueError(f"LearnConfig.prior_sparsity must be in (0, 1), got {self.prior_sparsity!r}")
+        for name in ("steps", "calib_batches", "checkpoint_every"):
+            v = getattr(self, name)
+            if int(v) != v or v < (0 if name == "steps" else 1):
+                raise ValueError(f"LearnConfig.{name} must be a {'non-negative' if name == 'steps' else 'positive'}"
+                                 f" integer, got {v!r}")
+            setattr(self, name, int(v))
+        for name in ("lr", "prior_strength"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"LearnConfig.{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("lambda1", "lambda2"):
+            if float(getattr(self, name)) < 0:
+                raise ValueError(f"LearnConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        self.tau = _pair("tau", self.tau)
+        self.kappa_tile = _pair("kappa_tile", self.kappa_tile if self.kappa_tile is not None
+                                else DEFAULT_KAPPA_TILE[self.mode])
+        self.kappa_24 = _pair("kappa_24", self.kappa_24)
+        self.dtype = parse_dtype(self.dtype)
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("LearnConfig.resume=True needs LearnConfig.checkpoint_dir")
+        self.include = list(self.include) if self.include else None
+        self.exclude = list(self.exclude) if self.exclude else None
+
+    def schedule(self, step: int) -> dict[str, float]:
+        """τ and κ at ``step`` (linear from start at step 0 to end at the last step)."""
+        f = step / max(1, self.steps - 1)
+        lin = lambda p: p[0] + (p[1] - p[0]) * f  # noqa: E731
+        return {"tau": lin(self.tau), "kappa_tile": lin(self.kappa_tile), "kappa_24": lin(self.kappa_24),
+                "decay": 1.0 - step / max(1, self.steps)}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["dtype"] = None if self.dtype is None else str(self.dtype).replace("torch.", "")
+        d["tile"], d["tau"] = list(self.tile), list(self.tau)
+        d["kappa_tile"], d["kappa_24"] = list(self.kappa_tile), list(self.kappa_24)
+        return d

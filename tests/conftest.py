@@ -1,0 +1,70 @@
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+# the test suite never depends on a kernel cache outside its own temp dir
+os.environ.setdefault("PATCHC_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"patchc-test-cache-{os.getuid()}"))
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in=64, d_hid=96, d_out=48, bias=True):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, d_hid, bias=bias)
+        self.fc2 = nn.Linear(d_hid, d_out, bias=bias)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def tiny_llama_config(**kw):
+    from transformers import LlamaConfig
+    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def tiny_llama(seed=0, **kw):
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(**kw)).eval()
+
+
+def masked_reference(model, plan, dtype=torch.float64):
+    """A float64 copy of the model with the plan applied: the ground truth every path must match."""
+    import patchc
+    ref = copy.deepcopy(model).to(dtype)
+    patchc.apply_plan(ref, plan)
+    return ref
+
+
+@pytest.fixture
+def mlp():
+    torch.manual_seed(0)
+    return MLP().eval()
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for it in items:
+            if "gpu" in it.keywords:
+                it.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch: dynamo's per-code recompile limit would otherwise make a
+    later test silently run its model eagerly."""
+    import patchc
+    torch._dynamo.reset()
+    patchc.counters.reset()
+    yield
