@@ -161,24 +161,19 @@ class TileMask:
 
 
 # ---- bit packing (used by mask files and the fingerprint) ------------------------------------
-_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-
-
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """bool tensor → uint8 [ceil(numel/8)], MSB first (numpy.packbits order)."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.view(-1, 8) * _BITS).sum(1, dtype=torch.uint8) if flat.numel() else flat
+    import numpy as np
+    return torch.from_numpy(np.packbits(mask.detach().cpu().reshape(-1).numpy()))
 
 
 def unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
+    import numpy as np
     numel = math.prod(shape)
-    out = (bits.to(torch.uint8).view(-1, 1) & _BITS).ne(0).view(-1)
-    if out.numel() < numel:
+    if bits.numel() * 8 < numel:
         raise ValueError(f"{bits.numel()} packed bytes cannot hold a {tuple(shape)} mask")
-    return out[:numel].view(*shape)
+    out = np.unpackbits(bits.cpu().numpy().astype(np.uint8, copy=False), count=numel)
+    return torch.from_numpy(out.astype(bool)).view(*shape)
 
 
 # ---- compile decisions -------------------------------------------------------------------------
