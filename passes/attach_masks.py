@@ -77,7 +77,11 @@ def _decision(site: LinearSite, action: str, reason: str, **kw) -> SiteDecision:
 def attach_masks(state: CompileState) -> None:
     cfg = state.config
     for s in state.sites:
-        if state.plan is not None:
+        released = getattr(s.weight, "_patchc_site", None)
+        if released is not None:            # release_dense: the packed entry is the weight now
+            s.entry = runtime.get_entry(released)
+            s.tile_mask = s.entry.tile_mask
+        elif state.plan is not None:
             s.tile_mask = _lookup(state.plan, s)
             if s.tile_mask is None:
                 s.decision = _decision(s, "skipped", "not in the mask plan")
@@ -96,10 +100,11 @@ def attach_masks(state: CompileState) -> None:
                 raise RuntimeError(f"patchc: cannot rewrite {s.fqn} ({s.n}x{s.k}, {s.dtype}): {why} "
                                    "(fallback='error')")
             log.info("patchc: %s stays a masked dense linear: %s", s.fqn, why)
-            s.entry = runtime.register_site(s.weight, s.tile_mask, s.transposed, s.fqn)
+            s.entry = s.entry or runtime.register_site(s.weight, s.tile_mask, s.transposed, s.fqn)
             s.decision = _decision(s, "dense", f"fallback: {why}")
             continue
-        s.entry = runtime.register_site(s.weight, s.tile_mask, s.transposed, s.fqn)
+        if s.entry is None:
+            s.entry = runtime.register_site(s.weight, s.tile_mask, s.transposed, s.fqn)
         s.entry.kernel = cfg.kernel
         s.decision = _decision(s, "hybrid", "rewritten to patchc::hybrid_linear")
     rewritable = [s for s in state.sites if s.decision.action != "skipped"]

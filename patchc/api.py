@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from .backend import GraphRecord, patch_backend, records, resolve_plan
+from .backend import GraphRecord, records, resolve_plan
 from .config import PatchConfig
+from .plan import infer_plan
 from .types import SiteDecision
+
+log = logging.getLogger("patchc")
 
 
 @dataclass(eq=False)
@@ -37,11 +41,48 @@ def compile(model: nn.Module, plan=None, **options):  # noqa: A001 - mirrors tor
     if plan_obj is not None:
         plan_obj.validate_against(model)
         cfg = cfg.replace(plan=plan_obj)
+    if cfg.release_dense:
+        release_dense(model, plan_obj if plan_obj is not None else infer_plan(model, cfg.tile), cfg)
     session = CompileSession(model, cfg, plan_obj)
     backend = functools.partial(_session_backend, cfg=cfg, session=session)
     compiled = torch.compile(model, backend=backend, dynamic=dynamic)
     compiled._patchc = session
     return compiled
+
+
+def release_dense(model: nn.Module, plan, cfg: PatchConfig) -> int:
+    """Pack every planned weight that has 2:4 tiles and free its dense storage (inference only).
+
+    Tied weights (used by another module, e.g. an embedding) are kept.  Returns the bytes freed.
+    """
+    from patchc.passes.map_owners import param_owners
+
+    from . import runtime
+    from .modules import is_transposed
+    owners = param_owners(model)
+    mods = dict(model.named_modules())
+    freed = 0
+    for name, tm in plan.items():
+        mod = mods[name]
+        w = mod.weight
+        if tm.num_sparse_tiles() == 0 or getattr(w, "_patchc_site", None) is not None:
+            continue
+        if len(owners.get(id(w), [])) > 1:
+            log.warning("patchc: release_dense keeps %s: its weight is shared with %s", name, owners[id(w)])
+            continue
+        entry = runtime.register_site(w, tm, is_transposed(mod), name)
+        try:
+            from patchc.codegen.layout import plan_dispatch
+            entry.row_order = plan_dispatch(tm, w.dtype, device=cfg.planning_device(), m_max=cfg.m_max).row_order
+        except ImportError:
+            pass
+        if w.requires_grad:
+            w.requires_grad_(False)
+            log.info("patchc: release_dense froze %s (its dense weight is gone)", name)
+        freed += w.numel() * w.element_size()
+        entry.release(w)
+    log.info("patchc: release_dense freed %.1f MiB of dense weights", freed / 2**20)
+    return freed
 
 
 def _session_backend(gm, example_inputs, cfg: PatchConfig, session: CompileSession, **_):

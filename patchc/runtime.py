@@ -54,6 +54,8 @@ class SiteEntry:
         self._lock = threading.Lock()
         self._version = None
         self._ptr = None
+        self._weight_masked = False           # the user's weight already holds W ⊙ M (checked per pack)
+        self.released = False                 # dense weight freed (release_dense): packed is the only copy
 
     # ---- packing ---------------------------------------------------------------------------
     def oriented(self, weight: Tensor) -> Tensor:
@@ -63,13 +65,17 @@ class SiteEntry:
         if row_order is not None:
             self.row_order = row_order
         with torch.no_grad():
-            self.packed = pack(self.oriented(weight), self.tile_mask, self.row_order)
+            w = self.oriented(weight)
+            self.packed = pack(w, self.tile_mask, self.row_order)
+            self._weight_masked = not bool(w[~self.tile_mask.mask.to(w.device)].any())
         self._version, self._ptr = weight._version, weight.data_ptr()
         counters["packs"] += 1
         return self.packed
 
     def packed_for(self, weight: Tensor) -> PackedWeight:
         """The packed weight, re-packed (with a warning) if ``weight`` changed since packing."""
+        if self.released:
+            return self.packed
         if self.packed is None or weight._version != self._version or weight.data_ptr() != self._ptr:
             with self._lock:
                 if self.packed is not None and (weight._version != self._version or weight.data_ptr() != self._ptr):
@@ -87,6 +93,25 @@ class SiteEntry:
             hit = (p, unpack(p).to(device=x.device, dtype=x.dtype))
             self._ref = hit
         return hit[1]
+
+    def dense_weight(self, p: PackedWeight, x: Tensor) -> Tensor:
+        """(out, in) masked weight for a dense dispatch: the user's own weight when it already
+        holds W ⊙ M (no extra memory), else the unpacked copy."""
+        w = None if self.released or not self._weight_masked else self._weight()
+        if w is None or w.device != x.device or w.dtype != x.dtype:
+            return self.reference_weight(p, x)
+        return self.oriented(w)
+
+    def release(self, weight: Tensor) -> None:
+        """Free the dense storage of ``weight`` (inference only): keep its shape as a stride-0
+        view of one zero, mark it so later compiles use this entry, and serve every dense
+        path from the packed form."""
+        self.packed_for(weight)
+        self.released = True
+        with torch.no_grad():
+            weight.data = torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
+        weight._patchc_site = self.site_id
+        counters["released"] += 1
 
     def mask_on(self, device, dtype) -> Tensor:
         key = (str(device), dtype)
@@ -189,6 +214,8 @@ def _setup(ctx, inputs, output):
 
 def _masked_w(e: SiteEntry, weight: Tensor) -> Tensor:
     """Masked weight in (out, in) orientation."""
+    if e.released:
+        return unpack(e.packed).to(device=weight.device, dtype=weight.dtype)
     m = e.mask_on(weight.device, weight.dtype)
     return e.oriented(weight * m)
 

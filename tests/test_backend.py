@@ -244,3 +244,22 @@ def test_dump_dir(tmp_path, mlp):
     assert any("find_linear_sites" in n for n in names) and any("rewrite_linears" in n for n in names)
     last = [n for n in names if "rewrite_linears" in n][0]
     assert "patchc.hybrid_linear" in (tmp_path / last).read_text()
+
+
+def test_release_dense_frees_weights_and_stays_correct():
+    model = tiny_llama()
+    plan = magnitude_hybrid(model, 0.35, TILE)
+    ref = masked_reference(model, plan)
+    ids = torch.randint(0, 256, (2, 6))
+    before = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    compiled = patchc.compile(model, plan, inner="eager", release_dense=True)
+    after = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    planned = sum(m.mask.numel() * 4 for n, m in plan.items() if m.num_sparse_tiles())
+    assert before - after >= planned * 0.99
+    with torch.inference_mode():
+        y = compiled(ids).logits
+        _check(y, ref(ids).logits, torch.float32)
+        y2 = compiled(torch.randint(0, 256, (3, 4))).logits         # a recompile reuses the packed entries
+    assert patchc.counters["packs"] == sum(1 for m in plan.values() if m.num_sparse_tiles())
+    assert all(d.action == "hybrid" for d in patchc.explain(compiled).decisions if d.fqn in plan)
+    assert y2.shape == (3, 4, 256)
