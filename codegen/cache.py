@@ -1,0 +1,144 @@
+"""The on-disk kernel cache: ``<cache_dir>/<kernel name>/<key>/kernel.py`` + ``spec.json``.
+
+``get_kernel(spec)`` returns a ``GeneratedKernel``; per process it renders once per distinct spec
+(memoised by key and cache dir).  On disk an entry is valid when ``spec.json`` names the same key
+and records the sha256 of ``kernel.py``; a missing, truncated or foreign entry is re-rendered.
+Every write goes to a temporary file in the same folder and is moved into place with
+``os.replace`` (atomic on POSIX), so processes that fill the cache at the same time all succeed:
+they write identical bytes and the last rename wins.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional, Union
+
+from .kernels import GeneratedKernel
+from .render import render, signature
+from .spec import KernelSpec, codegen_hash, versions
+
+ENV_VAR = "PATCHC_CACHE_DIR"
+# process-wide statistics: hits (valid on disk), misses (rendered and written), regenerated
+# (an invalid entry was replaced), memo (served from this process's memo without touching disk)
+stats: collections.Counter = collections.Counter()
+_MEMO: dict[tuple[str, str], GeneratedKernel] = {}
+_LOCK = threading.Lock()
+
+
+def default_cache_dir() -> Path:
+    """$PATCHC_CACHE_DIR, else $XDG_CACHE_HOME/patchc/kernels, else ~/.cache/patchc/kernels."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "patchc" / "kernels"
+
+
+def resolve_cache_dir(cache_dir: Union[str, os.PathLike, None] = None) -> Path:
+    """The option ``cache_dir`` when given, else ``default_cache_dir()``."""
+    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+
+
+def entry_dir(spec: KernelSpec, cache_dir=None) -> Path:
+    return resolve_cache_dir(cache_dir) / spec.name / spec.key()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _read_valid(d: Path, key: str) -> Optional[str]:
+    """The cached source when the entry in ``d`` is complete and matches ``key``, else None."""
+    try:
+        meta = json.loads((d / "spec.json").read_text())
+        data = (d / "kernel.py").read_bytes()
+    except (OSError, ValueError):
+        return None
+    if meta.get("key") != key or meta.get("sha256") != sha256(data):
+        return None
+    return data.decode()
+
+
+def _write_entry(d: Path, spec: KernelSpec, key: str, source: str) -> None:
+    data = source.encode()
+    atomic_write(d / "kernel.py", data)
+    meta = {"name": spec.name, "key": key, "sha256": sha256(data), "spec": spec.to_dict(),
+            "signature": signature(spec), "codegen": codegen_hash(), "versions": versions()}
+    # spec.json goes last: an entry without it (or with another checksum) is never trusted
+    atomic_write(d / "spec.json", json.dumps(meta, indent=1, sort_keys=True).encode())
+
+
+def get_kernel(spec: KernelSpec, cache_dir=None) -> GeneratedKernel:
+    """The ``GeneratedKernel`` for ``spec``: from this process's memo, the disk cache, or rendered."""
+    spec.validate()
+    key = spec.key()
+    root = resolve_cache_dir(cache_dir)
+    memo_key = (key, str(root))
+    with _LOCK:
+        gk = _MEMO.get(memo_key)
+        if gk is not None and _read_valid(gk.path.parent, key) is not None:
+            stats["memo"] += 1
+            return gk
+        d = root / spec.name / key
+        source = _read_valid(d, key)
+        hit = source is not None
+        if hit:
+            stats["hits"] += 1
+        else:
+            if (d / "kernel.py").exists() or (d / "spec.json").exists():
+                stats["regenerated"] += 1
+            stats["misses"] += 1
+            source = render(spec)
+            _write_entry(d, spec, key, source)
+        gk = GeneratedKernel(spec=spec, key=key, source=source, path=d / "kernel.py", cache_hit=hit)
+        _MEMO[memo_key] = gk
+        return gk
+
+
+def clear_memo() -> None:
+    """Forget this process's memo (the disk cache stays)."""
+    with _LOCK:
+        _MEMO.clear()
+
+
+def load_module(path: Union[str, Path], tag: str = ""):
+    """Import a generated kernel file under a unique module name (Triton's JIT needs a real file)."""
+    path = Path(path)
+    name = f"_patchc_kernel_{tag or path.parent.name}_{sha256(str(path.resolve()).encode())[:8]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    mod_spec = importlib.util.spec_from_file_location(name, path)
+    if mod_spec is None or mod_spec.loader is None:
+        raise ImportError(f"cannot import generated kernel {path}")
+    mod = importlib.util.module_from_spec(mod_spec)
+    sys.modules[name] = mod
+    try:
+        mod_spec.loader.exec_module(mod)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return mod
