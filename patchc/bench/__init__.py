@@ -1,0 +1,1 @@
+"""Importable measuring code behind ``patchc bench ...`` (the scripts in ``bench/`` call it)."""
