@@ -127,7 +127,7 @@ else:
         packed = pack(w, tm)
         ranges = [(8, dict(block_m=16, split_k=2, num_warps=4, num_stages=2)), (None, {"strategy": "dense"})]
         r = HybridRunner(48, 64, torch.float32, (16, 32), ranges=ranges, cache_dir=tmp_path, input_precision="ieee")
-        entry = SimpleNamespace(kernel="auto", reference_weight=lambda p, x: unpack(p).to(x.dtype))
+        entry = SimpleNamespace(kernel="auto", dense_weight=lambda p, x: unpack(p).to(x.dtype))
         ref = lambda x: F.linear(x.double(), w.double() * tm.mask, b.double())  # noqa: E731
         patchc.counters.reset()
         for m, path in ((5, "triton_calls"), (20, "dense_dispatch_calls")):
