@@ -1,14 +1,22 @@
 """Time per mask-learning step vs a plain forward+backward of the same model and batch.
 
-    python bench/learn_step.py                      # SmolLM2-135M fp32, batch 1x256, all three runs
-    python bench/learn_step.py --which tile --steps 6 --json out.json
+    python bench/learn_step.py                         # SmolLM2-135M fp32, batch 1x256, threads=1
+    python bench/learn_step.py --rounds 3 --json out.json
 
-Each configuration runs in its own subprocess so its peak memory is its own: the peak resident
-set (VmHWM) is reset after the model is loaded (``/proc/self/clear_refs``), so the number is
-what the step itself adds on top of loading.  "plain" is forward + backward with every weight
-requiring grad (full fine-tuning, no optimizer step); the learning steps include sampling the
-masks, forward, backward and the Adam step on the logits (the trainer's per-step ``seconds``).
-The first 2 steps of every run are warm-up and excluded; the median of the rest is reported.
+Timing runs in one process and interleaves rounds (plain, tile, joint, plain, tile, …) so that
+all three see the same background load: on a shared 2-core machine other jobs change step
+times by 2-3× from one minute to the next.  Besides wall time (min and median over all steps:
+noise only ever adds time) the process CPU time of each step is reported: with one thread it
+leaves out the time the process waited for a core, the steadiest figure on a shared machine.
+
+"plain" is forward + backward with every weight requiring grad (full fine-tuning, no optimizer
+step).  A learning step is what ``learn_masks`` logs as ``seconds``: drawing the masks,
+forward, backward and the Adam step on the logits.  The first step of every learning round
+is warm-up and dropped.
+
+Peak memory: each configuration runs once more in its own subprocess (``--memory``), where the
+peak resident set (VmHWM) is reset after the model is loaded (``/proc/self/clear_refs``), so
+the number is what the steps add on top of the loaded model.
 """
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ import sys
 import time
 
 
-def _rss_mib(field: str) -> float:
+def _status(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field):
@@ -29,78 +37,95 @@ def _rss_mib(field: str) -> float:
     return float("nan")
 
 
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")                    # resets VmHWM (Linux >= 4.0)
-    except OSError:
-        pass
-
-
-def run_one(which: str, model_path: str, steps: int, seq_len: int, threads: int) -> dict:
-    import torch
-
+def _setup(model_path: str, seq_len: int, n: int):
     from patchc.data import load_model, load_tokenizer, make_batches, read_text, shakespeare_text_files
-    from patchc.learn import LearnConfig, learn_masks
 
-    if threads:
-        torch.set_num_threads(threads)
     model = load_model(model_path)
     files = [f for f in shakespeare_text_files() if f.endswith("hamlet_gut.txt")] or shakespeare_text_files()
     text = read_text(files[0])[:200_000] if files else "The quick brown fox jumps over the lazy dog. " * 2000
-    batches = make_batches(text, load_tokenizer(model_path), seq_len=seq_len, num_samples=steps + 2, seed=0)
-    base = _rss_mib("VmRSS")
-    _reset_peak()
-    times = []
-    t_setup = time.perf_counter()
-    if which == "plain":
-        model.train()
-        t_setup = time.perf_counter() - t_setup
-        for b in batches:
-            t0 = time.perf_counter()
-            loss = model(input_ids=b, labels=b, use_cache=False).loss
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - t0)
-    else:
-        cfg = LearnConfig(mode=which, target_sparsity=0.35, steps=steps + 2, progress=False)
-        t0 = time.perf_counter()
-        learn_masks(model, batches, cfg, callback=lambda s, r: times.append(r["seconds"]))
-        t_setup = time.perf_counter() - t0 - sum(times)
-    steady = times[2:] or times
-    return {"which": which, "step_s": statistics.median(steady), "steps": len(steady),
-            "setup_s": round(t_setup, 2), "rss_after_load_mib": round(base),
-            "peak_rss_mib": round(_rss_mib("VmHWM")), "peak_over_load_mib": round(_rss_mib("VmHWM") - base),
-            "threads": torch.get_num_threads(), "seq_len": seq_len}
+    return model, make_batches(text, load_tokenizer(model_path), seq_len=seq_len, num_samples=n, seed=0)
+
+
+def plain_steps(model, batches) -> list[tuple[float, float]]:
+    """(wall, cpu) seconds of each forward+backward."""
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    out = []
+    for b in batches:
+        t0, c0 = time.perf_counter(), time.process_time()
+        model(input_ids=b, labels=b, use_cache=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+        out.append((time.perf_counter() - t0, time.process_time() - c0))
+    model.eval()
+    return out
+
+
+def learn_steps(model, batches, mode: str) -> list[tuple[float, float]]:
+    """(wall, cpu) seconds of each learning step but the first (warm-up)."""
+    from patchc.learn import LearnConfig, learn_masks
+    marks: list[tuple[float, float]] = []
+
+    def mark(step, rec):         # called right after each step: CPU time between calls is one step
+        marks.append((rec["seconds"], time.process_time()))
+    cfg = LearnConfig(mode=mode, target_sparsity=0.35, steps=len(batches) + 1, progress=False)
+    learn_masks(model, batches[:1] + batches, cfg, callback=mark)
+    return [(marks[i][0], marks[i][1] - marks[i - 1][1]) for i in range(1, len(marks))]
+
+
+def memory(which: str, model_path: str, steps: int, seq_len: int) -> dict:
+    model, batches = _setup(model_path, seq_len, steps)
+    base = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                        # reset VmHWM (Linux >= 4.0)
+    plain_steps(model, batches) if which == "plain" else learn_steps(model, batches, which)
+    return {"which": which, "rss_after_load_mib": round(base), "peak_over_load_mib": round(_status("VmHWM") - base)}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="checkpoint dir or .gguf file (default: bundled SmolLM2-135M)")
-    ap.add_argument("--which", choices=["all", "plain", "tile", "joint"], default="all", help="what to time")
-    ap.add_argument("--steps", type=int, default=6, help="timed steps after 2 warm-up steps (default: 6)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of plain/tile/joint (default: 2)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration and round (default: 3)")
     ap.add_argument("--seq-len", type=int, default=256, help="tokens in the single-sample batch (default: 256)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads; 0 = torch's choice (default: 1)")
+    ap.add_argument("--memory", choices=["plain", "tile", "joint"], help="(internal) peak-memory run of one config")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
-    if args.which != "all":
-        print(json.dumps(run_one(args.which, args.model, args.steps, args.seq_len, args.threads)))
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory:
+        print(json.dumps(memory(args.memory, args.model, args.steps, args.seq_len)))
         return 0
-    rows = []
-    for which in ("plain", "tile", "joint"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--which", which, "--model", args.model,
-               "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
-    plain = rows[0]["step_s"]
-    for r in rows[1:]:
-        r["vs_plain"] = round(r["step_s"] / plain, 3)
-        print(f"{r['which']:>5}: {r['step_s']:.3f} s/step = {r['vs_plain']:.2f}x plain ({plain:.3f} s); "
-              f"peak +{r['peak_over_load_mib']} MiB over the loaded model (plain +{rows[0]['peak_over_load_mib']} MiB)")
+    model, batches = _setup(args.model, args.seq_len, args.steps)
+    times: dict[str, list[tuple[float, float]]] = {"plain": [], "tile": [], "joint": []}
+    for r in range(args.rounds):
+        times["plain"] += plain_steps(model, batches)
+        for mode in ("tile", "joint"):
+            times[mode] += learn_steps(model, batches, mode)
+        print(f"round {r}: " + ", ".join(f"{k} wall {min(w for w, _ in v):.3f}s cpu {min(c for _, c in v):.3f}s"
+                                         for k, v in times.items()), flush=True)
+    res = {}
+    for k, v in times.items():
+        wall, cpu = [w for w, _ in v], [c for _, c in v]
+        res[k] = {"wall_min_s": round(min(wall), 4), "wall_median_s": round(statistics.median(wall), 4),
+                  "cpu_min_s": round(min(cpu), 4), "cpu_median_s": round(statistics.median(cpu), 4), "n": len(v)}
+    for k in ("tile", "joint"):
+        for key in ("wall_min_s", "wall_median_s", "cpu_min_s", "cpu_median_s"):
+            res[k]["vs_plain_" + key[:-2]] = round(res[k][key] / res["plain"][key], 3)
+    if not args.no_memory:
+        for k in times:
+            cmd = [sys.executable, os.path.abspath(__file__), "--memory", k, "--model", args.model,
+                   "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            res[k].update(json.loads(out.strip().splitlines()[-1]))
+    res["config"] = {"model": args.model, "seq_len": args.seq_len, "batch": 1, "threads": torch.get_num_threads()}
+    print(json.dumps(res, indent=1))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump(res, f, indent=1)
     return 0
 
 

@@ -80,7 +80,7 @@ class LearnConfig:
     prior_strength: float = 3.0
     calib_batches: int = 16
     steps: int = 100
-    lr: float = 2e-3
+    lr: float = 5e-3
     tau: Sequence[float] = (4.0, 0.05)
     kappa_tile: Optional[Sequence[float]] = None
     kappa_24: Sequence[float] = (100.0, 500.0)
@@ -123,8 +123,8 @@ class LearnConfig:
             if float(getattr(self, name)) < 0:
                 raise ValueError(f"LearnConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         self.tau = _pair("tau", self.tau)
-        self.kappa_tile = _pair("kappa_tile", self.kappa_tile if self.kappa_tile is not None
-                                else DEFAULT_KAPPA_TILE[self.mode])
+        if self.kappa_tile is not None:       # None stays None: the default follows ``mode``
+            self.kappa_tile = _pair("kappa_tile", self.kappa_tile)
         self.kappa_24 = _pair("kappa_24", self.kappa_24)
         self.dtype = parse_dtype(self.dtype)
         if self.resume and not self.checkpoint_dir:
@@ -132,16 +132,21 @@ class LearnConfig:
         self.include = list(self.include) if self.include else None
         self.exclude = list(self.exclude) if self.exclude else None
 
+    @property
+    def tile_kappa(self) -> tuple[float, float]:
+        """The tile-logit scale schedule in force: ``kappa_tile`` or the paper's default for ``mode``."""
+        return self.kappa_tile if self.kappa_tile is not None else DEFAULT_KAPPA_TILE[self.mode]
+
     def schedule(self, step: int) -> dict[str, float]:
         """τ and κ at ``step`` (linear from start at step 0 to end at the last step)."""
         f = step / max(1, self.steps - 1)
         lin = lambda p: p[0] + (p[1] - p[0]) * f  # noqa: E731
-        return {"tau": lin(self.tau), "kappa_tile": lin(self.kappa_tile), "kappa_24": lin(self.kappa_24),
+        return {"tau": lin(self.tau), "kappa_tile": lin(self.tile_kappa), "kappa_24": lin(self.kappa_24),
                 "decay": 1.0 - step / max(1, self.steps)}
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["dtype"] = None if self.dtype is None else str(self.dtype).replace("torch.", "")
         d["tile"], d["tau"] = list(self.tile), list(self.tau)
-        d["kappa_tile"], d["kappa_24"] = list(self.kappa_tile), list(self.kappa_24)
+        d["kappa_tile"], d["kappa_24"] = list(self.tile_kappa), list(self.kappa_24)
         return d

@@ -63,10 +63,11 @@ def build_layers(mods: dict[str, nn.Module], priors: dict[str, dict], cfg) -> li
     layers = []
     for name, mod in mods.items():
         # logits live in "s" units; the forward multiplies by κ, so divide by κ at step 0
-        tile_logits = cfg.prior_strength * centred[name] / cfg.kappa_tile[0]
+        tile_logits = cfg.prior_strength * centred[name] / cfg.tile_kappa[0]
         pattern_logits = None
         if cfg.mode == "joint":
             idx = pattern_index(priors[name]["mask24"])
-            pattern_logits = torch.nn.functional.one_hot(idx, 6).float() * (cfg.prior_strength / cfg.kappa_24[0])
+            onehot = torch.nn.functional.one_hot(idx, 6).permute(2, 0, 1).float()     # [6, N, K/4]
+            pattern_logits = onehot * (cfg.prior_strength / cfg.kappa_24[0])
         layers.append(LayerMask(name, mod, cfg.tile, cfg.mode, priors[name]["mask24"], tile_logits, pattern_logits))
     return layers

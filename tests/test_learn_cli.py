@@ -1,0 +1,92 @@
+"""``patchc learn | prune | import-masks`` on a tiny checkpoint directory with a byte-level tokenizer."""
+import argparse
+
+import numpy as np
+import pytest
+
+import patchc
+from patchc.learn.cli import register
+from test_learn_helpers import corpus, single_thread, tiny_llama_model  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny LLaMA saved with a 256-symbol byte-level tokenizer (built offline), and a text file."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("cli")
+    tiny_llama_model().save_pretrained(d / "model")
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(d / "model")
+    (d / "text.txt").write_text(corpus()[0][:20000])
+    return d
+
+
+def run(*argv):
+    parser = argparse.ArgumentParser(prog="patchc")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([str(a) for a in argv])
+    return args.func(args)
+
+
+def test_prune_wanda_and_hybrid(ckpt, capsys):
+    common = ["--model", ckpt / "model", "--text", ckpt / "text.txt", "--tile", "16x16", "--seq-len", 32,
+              "--samples", 4]
+    assert run("prune", *common, "--method", "wanda", "--out", ckpt / "w.safetensors") == 0
+    plan = patchc.MaskPlan.load(ckpt / "w.safetensors")
+    assert abs(plan.sparsity() - 0.5) < 1e-9 and plan.meta["method"] == "wanda-2:4"
+    assert run("prune", *common, "--method", "sparsegpt", "--sparsity", 0.2, "--out", ckpt / "s.safetensors") == 0
+    assert abs(patchc.MaskPlan.load(ckpt / "s.safetensors").sparsity() - 0.2) <= 0.005
+    assert "global sparsity" in capsys.readouterr().out
+
+
+def test_learn_writes_plan_checkpoint_and_log(ckpt):
+    out, cdir = ckpt / "l.safetensors", ckpt / "run"
+    assert run("learn", "--model", ckpt / "model", "--text", ckpt / "text.txt", "--tile", "16,16", "--seq-len", 32,
+               "--samples", 4, "--mode", "joint", "--sparsity", 0.35, "--steps", 3, "--checkpoint-dir", cdir,
+               "--no-progress", "--out", out) == 0
+    plan = patchc.MaskPlan.load(out)
+    assert abs(plan.sparsity() - 0.35) <= 0.005 and plan.meta["method"] == "patch-joint"
+    assert (cdir / "learn_ckpt.safetensors").is_file() and len((cdir / "learn_log.jsonl").read_text().splitlines()) == 3
+
+
+def test_import_masks(ckpt):
+    model = patchc.data.load_model(str(ckpt / "model"))
+    plan = patchc.prune.magnitude_hybrid(model, 0.25, (16, 16))
+    np.savez_compressed(ckpt / "m.npz", **{f"{n}.weight": np.packbits(m.mask.numpy()) for n, m in plan.items()})
+    assert run("import-masks", ckpt / "m.npz", "--model", ckpt / "model", "--tile", "16x16",
+               "--out", ckpt / "i.safetensors") == 0
+    got = patchc.MaskPlan.load(ckpt / "i.safetensors")
+    assert all((got[n].mask == plan[n].mask).all() for n in plan)
+
+
+def test_main_cli_reports_bad_options(ckpt, capsys):
+    from patchc.cli import main
+    rc = main(["learn", "--model", str(ckpt / "model"), "--text", str(ckpt / "text.txt"), "--sparsity", "0.7",
+               "--out", str(ckpt / "x.safetensors")])
+    assert rc == 2 and "target_sparsity" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run("learn", "--model", "m", "--out", "o", "--tile", "16")
+
+
+def test_learn_under_torchrun(ckpt):
+    """Two gloo ranks started by torchrun: each joins the group from its environment, learns on its
+    shard, and only rank 0 writes the plan."""
+    import os
+    import subprocess
+    import sys
+    out = ckpt / "ddp.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "patchc.cli", "learn", "--model", str(ckpt / "model"), "--text", str(ckpt / "text.txt"),
+           "--tile", "16x16", "--seq-len", "32", "--samples", "4", "--steps", "3", "--sparsity", "0.3",
+           "--no-progress", "--out", str(out)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("wrote ") == 1, "only rank 0 writes and reports"
+    plan = patchc.MaskPlan.load(out)
+    assert abs(plan.sparsity() - 0.3) <= 0.005
