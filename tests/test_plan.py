@@ -151,3 +151,13 @@ def test_mask_from_zeros_keeps_exactly_two():
     w[0, 1] = 1
     w[0, 2] = 1        # 3 non-zeros in a group: the tile is dense
     assert mask_from_zeros(w, (2, 8)).tile_kind.tolist() == [[0]]
+
+
+def test_import_patchc_needs_no_triton_or_transformers():
+    import subprocess
+    import sys
+    code = ("import sys, patchc; from patchc.plan import MaskPlan; from patchc.prune import magnitude_hybrid; "
+            "bad = [m for m in ('triton', 'transformers', 'torch._dynamo') if m in sys.modules]; "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
