@@ -85,6 +85,13 @@ class MaskPlan(Mapping):
         return self
 
     # ---- files -----------------------------------------------------------------------------
+    @classmethod
+    def from_npz(cls, path: str | os.PathLike, model: nn.Module, tile=(128, 128)) -> "MaskPlan":
+        """A plan from a released ``.npz`` mask file (MaskLLM's ``mask_compressed.npz``, PATCH
+        releases): bit-packed masks per weight name; tile kinds inferred as in ``infer_plan``."""
+        from .learn.npz import plan_from_npz
+        return plan_from_npz(path, model, tile)
+
     def save(self, path: str | os.PathLike) -> str:
         """Write one ``.safetensors`` file: per layer ``<fqn>.tile_kind`` (uint8) and ``<fqn>.mask``
         (bit-packed uint8), JSON metadata in the header.  Atomic (temp file + rename)."""
@@ -144,7 +151,7 @@ class MaskPlan(Mapping):
                 raise MaskPlanError(f"{path}: entry {name!r} mask has {bits.numel()} bytes, "
                                     f"expected {(shape[0] * shape[1] + 7) // 8} for shape {shape}")
             try:
-                masks[name] = TileMask(tile, kind, unpack_bits(bits, shape))
+                masks[name] = TileMask(tile, kind, unpack_bits(bits, shape)).adopt_bits(bits)
             except ValueError as exc:
                 raise MaskPlanError(f"{path}: entry {name!r}: {exc}") from exc
         plan = cls(masks, header.get("meta") or {})

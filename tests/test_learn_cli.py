@@ -1,5 +1,6 @@
 """``patchc learn | prune | import-masks`` on a tiny checkpoint directory with a byte-level tokenizer."""
 import argparse
+import os
 
 import numpy as np
 import pytest
@@ -73,6 +74,8 @@ def test_main_cli_reports_bad_options(ckpt, capsys):
         run("learn", "--model", "m", "--out", "o", "--tile", "16")
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("PATCHC_SLOW") != "1", reason="starts torchrun with 2 ranks (~15 s); set PATCHC_SLOW=1")
 def test_learn_under_torchrun(ckpt):
     """Two gloo ranks started by torchrun: each joins the group from its environment, learns on its
     shard, and only rank 0 writes the plan."""

@@ -73,7 +73,8 @@ def test_conv1d_masks_are_transposed(tmp_path):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=256, n_positions=32)).eval()
     plan = magnitude_hybrid(model, 0.3, TILE)
-    got = plan_from_npz(_write_maskllm(tmp_path / "g.npz", plan, model), model, tile=TILE)
+    from patchc.plan import MaskPlan
+    got = MaskPlan.from_npz(_write_maskllm(tmp_path / "g.npz", plan, model), model, tile=TILE)
     assert all(torch.equal(got[n].mask, plan[n].mask) for n in plan)
 
 

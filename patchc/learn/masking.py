@@ -114,8 +114,9 @@ class LayerMask:
             mag = (n24 + z * z * nr).sum()                             # W⊙M24 and W⊙(1−M24) are disjoint
         else:
             n, k = self.shape
-            g = torch.empty(self.pattern_logits.shape, device=dev).uniform_(generator=gen)
-            g = g.clamp_(_EPS, 1 - _EPS).log_().neg_().log_().mul_(-1 / tau)   # Gumbel(0, 1)/τ, in place
+            # Gumbel(0, 1)/τ as −log(E)/τ with E ~ Exp(1): 4 in-place passes instead of 6 via −log(−log U)
+            g = torch.empty(self.pattern_logits.shape, device=dev).exponential_(generator=gen)
+            g = g.clamp_min_(1e-30).log_().mul_(-1 / tau)
             y = torch.softmax(torch.add(g, self.pattern_logits, alpha=sched["kappa_24"] / tau), dim=0)
             m = torch.einsum("png,pj->ngj", y, PATTERNS.to(dev)).reshape(n, -1)
             if m.shape[1] < k:                                          # a partial last group is kept
