@@ -122,8 +122,8 @@ def magnitude_hybrid(model: nn.Module, target_sparsity: float, tile=(128, 128),
                             "fingerprint": fingerprint(model, mods)})
 
 
-def __getattr__(name):  # re-export: patchc.prune.oneshot lives in patchc.learn.oneshot (lazy: no import cycle)
+def __getattr__(name):  # re-export: patchc.prune.oneshot lives in patchc.learn.pruners (lazy: no import cycle)
     if name == "oneshot":
-        from .learn.oneshot import oneshot
+        from .learn.pruners import oneshot
         return oneshot
     raise AttributeError(f"module 'patchc.prune' has no attribute {name!r}")

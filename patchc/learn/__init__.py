@@ -14,8 +14,8 @@ import importlib
 _LAZY = {
     "learn_masks": "patchc.learn.trainer",
     "LearnConfig": "patchc.learn.config",
-    "oneshot": "patchc.learn.oneshot",
-    "oneshot_hybrid": "patchc.learn.oneshot",
+    "oneshot": "patchc.learn.pruners",
+    "oneshot_hybrid": "patchc.learn.pruners",
     "plan_from_npz": "patchc.learn.npz",
     "masked_forward": "patchc.learn.masking",
 }

@@ -88,7 +88,7 @@ def cmd_learn(args) -> int:
 
 def cmd_prune(args) -> int:
     from ..data import load_model
-    from .oneshot import oneshot, oneshot_hybrid
+    from .pruners import oneshot, oneshot_hybrid
 
     model = load_model(args.model, args.dtype)
     batches = _batches(args, args.model) if args.method != "magnitude" else None
@@ -118,7 +118,7 @@ def cmd_import_masks(args) -> int:
 def register(subparsers) -> None:
     """Add ``learn``, ``prune`` and ``import-masks`` to an argparse subparsers object."""
     from .config import DEFAULT_KAPPA_TILE, LOSSES, MODES, PRIORS
-    from .oneshot import METHODS
+    from .pruners import METHODS
 
     p = subparsers.add_parser("learn", help="learn a hybrid dense/2:4 tile plan (PATCH-Tile / PATCH-Joint)",
                               description="Learn which tiles stay dense and which are 2:4, over frozen weights. "

@@ -16,7 +16,7 @@ from ..modules import oriented_weight
 from ..prune import tile_sizes
 from ..types import sparse_allowed
 from .masking import LayerMask, pattern_index
-from .oneshot import method_masks, tile_density
+from .pruners import method_masks, tile_density
 
 
 def compute_priors(model: nn.Module, mods: dict[str, nn.Module], batches, cfg) -> dict[str, dict]:
