@@ -12,6 +12,15 @@ graph of many calls rotating over >= 4 weight copies (working set > 2 x the 60 M
 H200), replayed, median per call.  The bandwidth bound is 1 / (1 - 0.4375 f).  Every row is
 guarded (an error is recorded, the run goes on); a global ``--budget`` stops early and still
 writes ``gpu_check.csv`` / ``gpu_check.md`` under ``$OUT`` (else ``bench/results/``).
+
+Then the cost model is checked against the measurements: per row its predicted time of the
+kernel that ran and of dense (``pred_hybrid_us``, ``pred_dense_us``), what its plan picks at that
+M (``pick``) and whether that is within 10 % of the best measured of the two (``pick_ok``);
+overall the Spearman rank correlation of predicted vs measured times.  Last, within
+``--calibrate-budget`` seconds (default 45; 0 skips it), ``patchc.bench.calibrate`` fits the
+device constants on these same measurements, stores them (``save_calibration``) and the check is
+repeated with them (``model_spearman_calibrated``, ``pick_ok_calibrated``).  Measuring (``--budget``,
+default 215 s) + calibration stay within the ~270 s the check used to take.
 ``--dry-run`` (no GPU needed) builds and packs the weights on CPU, renders every kernel and
 AOT-compiles it for sm_90, and writes the resource table instead.
 """
@@ -27,8 +36,10 @@ import statistics
 import sys
 import time
 import traceback
+import types
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,7 +51,8 @@ L2_BYTES = 60e6                                          # H200 L2; rotate so th
 TILE = (128, 128)
 TOL = {"bf16": 2e-2, "fp16": 4e-3}
 COLUMNS = ["n", "k", "m", "frac", "dtype", "rel_err", "ok", "hybrid_us", "dense_us", "cusparselt_us", "speedup",
-           "bound", "of_bound", "cusparselt_speedup", "plan", "kernel", "copies", "seconds", "error", "cusparselt_error"]
+           "bound", "of_bound", "cusparselt_speedup", "plan", "kernel", "pred_hybrid_us", "pred_dense_us", "pick",
+           "pick_ok", "pick_ok_calibrated", "copies", "seconds", "error", "cusparselt_error"]
 _PATTERNS = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0], [0, 1, 0, 1], [0, 0, 1, 1]],
                          dtype=torch.bool)
 
@@ -144,15 +156,20 @@ class Bench:
         copies = self.copies(packed.nbytes())
         return tm, wm, [packed] + [clone_packed(packed) for _ in range(copies - 1)], copies
 
-    def row(self, n, k, dt, frac, m, wm, packs, copies, runner):
+    def row(self, n, k, dt, frac, m, wm, packs, copies, runner, tm=None):
         dtype = DTYPES[dt]
         r = dict(n=n, k=k, m=m, frac=frac, dtype=dt, copies=copies, bound=round(bound(frac), 3))
+        if tm is not None:     # for the cost-model check (not written to the tables)
+            r["_tile_kind"] = tm.tile_kind
         x = torch.randn(m, k, device=self.dev, dtype=dtype)
         y = runner(None, x, packs[0], None)
         ref = x.double() @ wm.double().t()
         r["rel_err"] = float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
         r["ok"] = r["rel_err"] < TOL[dt]
-        r["kernel"] = runner.kernel_for(m, False, self.dev.type != "cuda").name
+        gk = runner.kernel_for(m, False, self.dev.type != "cuda")
+        r["kernel"] = gk.name
+        r["_params"] = [gk.spec.block_m, gk.spec.block_n, gk.spec.block_k, gk.spec.split_k, gk.spec.num_warps,
+                        gk.spec.num_stages]
         r["plan"] = runner.plan_choice(m)
         r["hybrid_us"] = time_graph(lambda i: runner(None, x, packs[i], None), copies)
         key = (n, k, dt, m)
@@ -193,7 +210,7 @@ class Bench:
                             return
                         t = time.time()
                         try:
-                            r = self.row(n, k, dt, frac, m, wm, packs, copies, runner)
+                            r = self.row(n, k, dt, frac, m, wm, packs, copies, runner, tm)
                         except Exception as exc:  # noqa: BLE001 -- record and go on
                             r = dict(n=n, k=k, m=m, frac=frac, dtype=dt, error=f"{type(exc).__name__}: {exc}"[:300])
                             traceback.print_exc()
@@ -255,12 +272,73 @@ def dry_run(args) -> list[dict]:
     return rows
 
 
+# ---- the cost model against the measurements -----------------------------------------------------
+def _points(rows) -> list[dict]:
+    """The measured rows as calibration points (patchc.bench.calibrate's format)."""
+    pts = []
+    for r in rows:
+        if r.get("error") or "hybrid_us" not in r or "_tile_kind" not in r:
+            continue
+        base = dict(n=r["n"], k=r["k"], m=r["m"], dtype=r["dtype"], frac=r["frac"])
+        pts.append(dict(base, kind="dense", tile_kind=None, params=None, us=r["dense_us"]))
+        pts.append(dict(base, kind="hybrid", tile_kind=r["_tile_kind"].tolist(), params=r["_params"], us=r["hybrid_us"]))
+    return pts
+
+
+def check_model(rows, spec, suffix: str = "") -> dict:
+    """Per row: predicted hybrid / dense µs, the plan's pick at that M and whether it is within 10 %
+    of the best measured of the two; overall the Spearman rank correlation (predicted vs measured)."""
+    from patchc.bench.calibrate import predict, spearman
+    from patchc.codegen.layout import plan_dispatch
+    pts = _points(rows)
+    if not pts:
+        return {}
+    pred = predict(pts, spec)
+    meas = np.array([p["us"] for p in pts])
+    ok = np.isfinite(pred)
+    done = [r for r in rows if not r.get("error") and "hybrid_us" in r and "_tile_kind" in r]
+    plans = {}
+    for i, r in enumerate(done):
+        if not suffix:
+            r["pred_dense_us"], r["pred_hybrid_us"] = float(pred[2 * i]), float(pred[2 * i + 1])
+        key = (r["n"], r["k"], r["dtype"], r["frac"])
+        if key not in plans:   # the plan reads the tile map only
+            tm = types.SimpleNamespace(tile=TILE, tile_kind=r["_tile_kind"], shape=(r["n"], r["k"]))
+            plans[key] = plan_dispatch(tm, DTYPES[r["dtype"]], device=spec)
+        pick = "dense" if plans[key].select(r["m"]) == "dense" else "hybrid"
+        best = min(r["hybrid_us"], r["dense_us"])
+        r["pick" + suffix] = pick
+        r["pick_ok" + suffix] = bool((r["hybrid_us"] if pick == "hybrid" else r["dense_us"]) <= 1.1 * best)
+    picks = [r["pick_ok" + suffix] for r in done]
+    return {"model_spearman" + suffix: round(spearman(pred[ok], meas[ok]), 4),
+            "model_picks_within_10pct" + suffix: f"{sum(picks)}/{len(picks)}"}
+
+
+def calibrate_and_recheck(rows, budget: float) -> dict:
+    """Fit the device constants on the measured rows (``patchc.bench.calibrate``), store them, and
+    check the model again with them."""
+    from patchc.bench.calibrate import run
+    from patchc.codegen.devices import get_device
+    t = time.time()
+    pts = _points(rows)
+    if not pts:
+        return {"calibration": "no measurement to fit"}
+    res = run(budget_s=budget * 0.8, save=True, points=pts)
+    out = {"calibration": f"{res['device']}: " + ", ".join(f"{k}={v:.3g}" for k, v in res["values"].items())
+           + f" (log-error {res['loss_before']:.3f} -> {res['loss_after']:.3f}; stored in {res['saved']})"}
+    if time.time() - t < budget:
+        out.update(check_model(rows, get_device(), suffix="_calibrated"))
+    out["calibration_seconds"] = round(time.time() - t, 1)
+    return out
+
+
 def fmt_row(r: dict) -> str:
     return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items())
 
 
 def write(rows, info, out: Path, stopped: str, dry: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    rows = [{c: v for c, v in r.items() if not c.startswith("_")} for r in rows]
     cols = list(dict.fromkeys([c for c in COLUMNS if any(c in r for r in rows)] + [c for r in rows for c in r]
                               + list(info)))
     with open(out / "gpu_check.csv", "w", newline="") as f:
@@ -285,7 +363,9 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="M in {1, 2048}, f in {0.5, 1}, bf16 only")
     p.add_argument("--dry-run", action="store_true", help="no GPU: pack, render, AOT-compile for sm_90")
-    p.add_argument("--budget", type=float, default=270.0, help="seconds for the measurements (default 270)")
+    p.add_argument("--budget", type=float, default=215.0, help="seconds for the measurements (default 215)")
+    p.add_argument("--calibrate-budget", type=float, default=45.0,
+                   help="seconds to fit the cost model's device constants on the measurements (default 45; 0: skip)")
     p.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
     p.add_argument("--cache-dir", default=None, help="kernel cache dir (default: patchc's)")
     p.add_argument("--shapes", default=None, help="e.g. 4096x4096,11008x4096")
@@ -316,8 +396,21 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         b.stopped = "interrupted"
     finally:
+        for step, fn in (("cost model check", lambda: check_model(b.rows, _planning_device(a))),
+                         ("calibration", lambda: calibrate_and_recheck(b.rows, a.calibrate_budget)
+                          if a.calibrate_budget > 0 and a.device == "cuda" else {})):
+            try:
+                info.update(fn())
+            except Exception as exc:  # noqa: BLE001 -- recorded, the tables are still written
+                traceback.print_exc()
+                info[step] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
         write(b.rows, info, Path(a.out), b.stopped, False)
     return 0
+
+
+def _planning_device(args):
+    from patchc.codegen.devices import get_device
+    return get_device(args.plan_device)
 
 
 if __name__ == "__main__":

@@ -134,10 +134,19 @@ def cache_dir() -> Path:
     return Path(base) / "patchc"
 
 
+_CAL_MEMO: dict = {}        # path -> ((mtime_ns, size), data): the planner reads it once per compile site
+
+
 def _read_calibration() -> dict:
     path = cache_dir() / CALIBRATION_FILE
     try:
-        return json.loads(path.read_text())
+        st = path.stat()
+        hit = _CAL_MEMO.get(path)
+        if hit is not None and hit[0] == (st.st_mtime_ns, st.st_size, st.st_ino):
+            return json.loads(json.dumps(hit[1]))       # a private copy
+        data = json.loads(path.read_text())
+        _CAL_MEMO[path] = ((st.st_mtime_ns, st.st_size, st.st_ino), data)
+        return json.loads(json.dumps(data))
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:

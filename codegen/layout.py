@@ -6,22 +6,31 @@ the 2:4 tiles come first, then the dense ones (``patchc.packing.pack`` does that
 ordered by decreasing dense-tile count (the most work first), so programs of equal work share a
 wave; the kernel's store puts rows back (``row_order``).  Per M the cost model then picks
 BLOCK_M, split-K, warps and stages -- or dense (cuBLAS-like ``torch.mm``) where hybrid would lose.
+
+Planning a model is planning many weights of few shapes, so the work is cached in two levels:
+``_Shape`` (shape, tile, dtype, device, fp32 precision: the dense baseline and its minimum at
+every M, the feasible launch grid, ``cost.HybridBatch`` index structures) and ``_Site`` (the
+tile map's sorted per-row 2:4 counts, all the model reads of it).  A new tile map of a known shape
+costs ~15-20 ms of CPU (was 0.4-1.2 s); the results are the same floats as before.
 """
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from patchc.packing import balanced_row_order
+from patchc.types import grid_of
 
-from .cost import CostModel, KernelParams, lower_envelope
+from .cost import ELT_BYTES, TABLE_MAX, CostModel, HybridBatch, KernelParams, lower_envelope, occupancy
 from .devices import dtype_key, get_device
 
 M_MAX = 65536
-DECODE_M = (1, 16)            # the regime BLOCK_N / BLOCK_K are chosen for
+DECODE_M = (1, 16)            # the regime BLOCK_N / BLOCK_K are chosen for (BLOCK_M 16: one M-block)
 MAX_HYBRID = 3                # distinct hybrid kernels per site (each is a compiled variant)
 BLOCKS = (16, 32, 64, 128)    # BLOCK_N / BLOCK_K: powers of two >= 16 (tl.arange, tl.dot)
 # per-M launch grid; up to 6 stages: at decode a program needs ~latency x bandwidth bytes in flight
@@ -131,43 +140,117 @@ class DispatchPlan:
                             for lo, hi, c in self.ranges])
 
 
-# ---- per weight: pack-time choices -------------------------------------------------------------
-class _Site:
-    """The cost model and candidate curves of one weight at its chosen BLOCK_N / BLOCK_K."""
+# ---- per (shape, tile, dtype, device, precision): the dense baseline and the launch grid ------------
+class _Shape:
+    """What does not depend on the tile map: the dense baseline curves (per BLOCK_N / BLOCK_K, since
+    dense also gets the hybrid configs run as dense kernels) and their minimum at every M, the
+    feasible hybrid launch grid and its batched evaluators."""
 
-    def __init__(self, kind, tile, shape, dtype, device):
-        self.dtype, self.dev = dtype_key(dtype), get_device(device)
-        self.row_order = balanced_row_order(kind)
-        self.model = CostModel(kind, tile, shape, self.dtype, self.dev, self.row_order)
+    def __init__(self, tile, shape, dtype, dev):
+        self.tile, self.shape, self.dtype, self.dev = tuple(tile), tuple(shape), dtype_key(dtype), dev
+        self.n_n, self.n_k = grid_of(self.shape, self.tile)
+        self.elt = ELT_BYTES[self.dtype]
+        self.dense_model = CostModel.from_row_counts(np.zeros(self.n_n, dtype=np.int64), self.n_k, self.tile,
+                                                     self.shape, self.dtype, dev)
+        self.bns = [b for b in BLOCKS if tile[0] % b == 0]
+        self.bks = [b for b in BLOCKS if tile[1] % b == 0][-3:]     # BLOCK_K 16 only when nothing larger fits
+        self.launch = [(s, w, st) for s in HYBRID_GRID["split_k"] if s <= self.n_k
+                       for w in HYBRID_GRID["num_warps"] for st in HYBRID_GRID["num_stages"]]
+        self._hyb, self._dense, self._envelope, self._dense_grid, self._batches = {}, {}, {}, {}, {}
+        self._dense_min: dict = {}
+
+    def hybrid_params(self, bn, bk) -> list:
+        """[(HybridCandidate, KernelParams)] of the per-M grid at BLOCK_N / BLOCK_K that fit the device."""
+        if bn is None:
+            return []
+        if (bn, bk) not in self._hyb:
+            out = [(HybridCandidate(bm, s, w, st), KernelParams(bm, bn, bk, s, w, st))
+                   for bm in HYBRID_GRID["block_m"] for s, w, st in self.launch]
+            self._hyb[(bn, bk)] = [(c, p) for c, p in out if occupancy(self.dev, p, self.elt, True) > 0]
+        return self._hyb[(bn, bk)]
+
+    def dense_curves(self, bn, bk) -> list:
+        """Every feasible dense config: the cuBLAS-like family and the hybrid grid run as dense."""
+        if (bn, bk) not in self._dense:
+            params = dict.fromkeys(DENSE_CONFIGS + [p for _, p in self.hybrid_params(bn, bk)])
+            curves = [self.dense_model.curve(p, hybrid=False) for p in params]
+            self._dense[(bn, bk)] = [c for c in curves if c.feasible]
+        return self._dense[(bn, bk)]
+
+    def dense_envelope(self, bn, bk, m_max) -> list:
+        """The dense curves that are the cheapest dense at some M in 1..m_max (exact: their minimum
+        equals the minimum over all dense curves at every such M)."""
+        key = (bn, bk, m_max)
+        if key not in self._envelope:
+            curves = self.dense_curves(bn, bk)
+            self._envelope[key] = [curves[i] for i in sorted({i for _, _, i in lower_envelope(curves, m_max)})]
+        return self._envelope[key]
+
+    def dense_min(self, bn, bk, m_max) -> np.ndarray:
+        """The cheapest dense time at every M in 1..m_max (m_max <= ``TABLE_MAX``): a running
+        minimum over every dense curve, so exact."""
+        key = (bn, bk, m_max)
+        if key not in self._dense_min:
+            ms = np.arange(1, m_max + 1)
+            out = None
+            for c in self.dense_curves(bn, bk):
+                out = c(ms) if out is None else np.minimum(out, c(ms))
+            self._dense_min[key] = out
+        return self._dense_min[key]
+
+    def dense_on_grid(self, bn, bk, m_max) -> np.ndarray:
+        """The cheapest dense time on ``_grid(m_max)``."""
+        key = (bn, bk, m_max)
+        if key not in self._dense_grid:
+            g = _grid(m_max)
+            self._dense_grid[key] = (self.dense_min(bn, bk, m_max)[g - 1] if m_max <= TABLE_MAX else
+                                     np.min(np.stack([c(g) for c in self.dense_envelope(bn, bk, m_max)]), axis=0))
+        return self._dense_grid[key]
+
+    def decode_batch(self, bn, bk) -> HybridBatch:
+        """The BLOCK_M 16 configs at (BLOCK_N, BLOCK_K) that fit, at the decode M (``DECODE_M``)."""
+        if ("decode", bn, bk) not in self._batches:
+            params = [p for p in (KernelParams(16, bn, bk, s, w, st) for s, w, st in self.launch)
+                      if occupancy(self.dev, p, self.elt, True) > 0]
+            self._batches[("decode", bn, bk)] = HybridBatch(self.dense_model, params, DECODE_M)
+        return self._batches[("decode", bn, bk)]
+
+    def grid_batch(self, bn, bk, m_max) -> HybridBatch:
+        """The hybrid grid at (BLOCK_N, BLOCK_K) on ``_grid(m_max)``."""
+        if ("grid", bn, bk, m_max) not in self._batches:
+            self._batches[("grid", bn, bk, m_max)] = HybridBatch(
+                self.dense_model, [p for _, p in self.hybrid_params(bn, bk)], _grid(m_max))
+        return self._batches[("grid", bn, bk, m_max)]
+
+
+# ---- per tile map (through its per-row 2:4 counts): pack-time choices ---------------------------
+class _Site:
+    """The cost model and candidate curves of one tile map at its chosen BLOCK_N / BLOCK_K.  It
+    reads the map only through the sorted per-row 2:4-tile counts (the balanced row order packs
+    tile-rows by increasing count), so every map with the same counts shares one ``_Site``."""
+
+    def __init__(self, shape: _Shape, n_sparse: np.ndarray):
+        self.shape, self.dtype, self.dev = shape, shape.dtype, shape.dev
+        self.model = CostModel.from_row_counts(n_sparse, shape.n_k, shape.tile, shape.shape, shape.dtype, shape.dev)
         self.block_n = self.block_k = None
         self.reason = ""
-        bns = [b for b in BLOCKS if tile[0] % b == 0]
-        bks = [b for b in BLOCKS if tile[1] % b == 0][-3:]     # BLOCK_K 16 only when nothing larger fits
-        if not int(kind.sum()):
+        self.plans: dict = {}
+        if not int(n_sparse.sum()):
             self.reason = "no 2:4 tiles: a dense kernel is the hybrid kernel without the expansion"
-        elif not bns or not bks:
-            self.reason = f"tile {tuple(tile)} has no power-of-two BLOCK_N / BLOCK_K >= 16 dividing it"
+        elif not shape.bns or not shape.bks:
+            self.reason = f"tile {shape.tile} has no power-of-two BLOCK_N / BLOCK_K >= 16 dividing it"
         else:   # BLOCK_N / BLOCK_K minimising the decode time (largest blocks win ties)
-            score = {(bn, bk): sum(min(self.model.predict_us(m, KernelParams(16, bn, bk, s, w, st))
-                                       for s, w, st in self._launch()) for m in DECODE_M)
-                     for bn, bk in itertools.product(bns[::-1], bks[::-1])}
+            score = {}
+            for bn, bk in itertools.product(shape.bns[::-1], shape.bks[::-1]):
+                batch = shape.decode_batch(bn, bk)
+                v = batch.evaluate(self.model) if batch.n else np.full((1, len(DECODE_M)), math.inf)
+                score[(bn, bk)] = sum(float(v[:, i].min()) for i in range(len(DECODE_M)))
             self.block_n, self.block_k = min(score, key=score.get)
-        self.dense_curves = [self.model.curve(p, hybrid=False) for p in dict.fromkeys(
-            DENSE_CONFIGS + [p for _, p in self.hybrid_params()])]
-        self.dense_curves = [c for c in self.dense_curves if c.feasible]
-
-    def _launch(self):
-        n_k = self.model.kind.shape[1]
-        return [(s, w, st) for s in HYBRID_GRID["split_k"] if s <= n_k
-                for w in HYBRID_GRID["num_warps"] for st in HYBRID_GRID["num_stages"]]
+        self.dense_curves = shape.dense_curves(self.block_n, self.block_k)
 
     def hybrid_params(self):
         """[(HybridCandidate, KernelParams)] of the per-M grid at this weight's BLOCK_N / BLOCK_K."""
-        if self.block_n is None:
-            return []
-        out = [(HybridCandidate(bm, s, w, st), KernelParams(bm, self.block_n, self.block_k, s, w, st))
-               for bm in HYBRID_GRID["block_m"] for s, w, st in self._launch()]
-        return [(c, p) for c, p in out if self.model.curve(p).feasible]
+        return self.shape.hybrid_params(self.block_n, self.block_k)
 
     def dense_at(self, m):
         """(µs, KernelParams) of the cheapest dense config at M = m."""
@@ -176,21 +259,30 @@ class _Site:
         return vals[i], self.dense_curves[i].p
 
 
+_SHAPES: dict = {}           # a few MiB each (the dense minimum on every M, batch index arrays)
 _SITES: dict = {}
 
 
-def _site(tile_mask, dtype, device) -> _Site:
-    """Cached per (tile map, dtype, planning device).  ``tile_mask``: a TileMask or anything with
-    ``tile_kind`` [nN, nK], ``tile`` and ``shape``."""
+def _memo(cache: dict, key, make, limit: int):
+    if key not in cache:
+        if len(cache) >= limit:
+            cache.clear()
+        cache[key] = make()
+    return cache[key]
+
+
+def _site(tile_mask, dtype, device) -> tuple[_Site, torch.Tensor]:
+    """(site, balanced row order) of a tile map.  ``tile_mask``: a TileMask or anything with
+    ``tile_kind`` [nN, nK], ``tile`` and ``shape``.  Cached per (shape, tile, dtype, planning
+    device, fp32 precision) and, below that, per sorted per-row 2:4 counts."""
     kind = torch.as_tensor(tile_mask.tile_kind).to(torch.uint8).cpu()
     dev = get_device(device)
-    key = (tuple(tile_mask.tile), tuple(tile_mask.shape), kind.numpy().tobytes(), dtype_key(dtype),
-           dev, torch.get_float32_matmul_precision())
-    if key not in _SITES:
-        if len(_SITES) > 256:
-            _SITES.clear()
-        _SITES[key] = _Site(kind, tuple(tile_mask.tile), tuple(tile_mask.shape), dtype, dev)
-    return _SITES[key]
+    tile, shape = tuple(int(t) for t in tile_mask.tile), tuple(int(s) for s in tile_mask.shape)
+    skey = (tile, shape, dtype_key(dtype), dev, torch.get_float32_matmul_precision())
+    sh = _memo(_SHAPES, skey, lambda: _Shape(tile, shape, dtype, dev), 64)
+    counts = kind.sum(1, dtype=torch.int64).numpy()
+    site = _memo(_SITES, (skey, np.sort(counts).tobytes()), lambda: _Site(sh, np.sort(counts)), 4096)
+    return site, balanced_row_order(kind)
 
 
 # ---- public API --------------------------------------------------------------------------------
@@ -202,12 +294,12 @@ def choose_layout(tile_mask, m: int, dtype, device=None, n_alternatives: int = 8
     """
     if m < 1:
         raise ValueError(f"M must be >= 1, got {m}")
-    site = _site(tile_mask, dtype, device)
+    site, row_order = _site(tile_mask, dtype, device)
     d_us, d_p = site.dense_at(m)
     hyb = sorted(((site.model.predict_us(m, p), c.to_dict() | dict(block_n=p.block_n, block_k=p.block_k), p)
                   for c, p in site.hybrid_params()), key=lambda r: r[0])
     dense_alt = (dict(strategy=DENSE, **d_p.to_dict()), d_us)
-    common = dict(m=m, dtype=site.dtype, device=site.dev.name, dense_us=d_us, row_order=site.row_order)
+    common = dict(m=m, dtype=site.dtype, device=site.dev.name, dense_us=d_us, row_order=row_order)
     if hyb and hyb[0][0] < d_us:
         t, _, p = hyb[0]
         alts = (dense_alt,) + tuple((a, u) for u, a, _ in hyb[1:n_alternatives])
@@ -224,7 +316,7 @@ def choose_layout(tile_mask, m: int, dtype, device=None, n_alternatives: int = 8
 def candidate_us(tile_mask, m, candidate, dtype, device=None):
     """Predicted µs at M = m (an int, or an array of M) of a plan candidate: "dense" or a
     ``HybridCandidate`` at the weight's BLOCK_N / BLOCK_K.  The plan's own numbers, bit for bit."""
-    site = _site(tile_mask, dtype, device)
+    site, _ = _site(tile_mask, dtype, device)
     if candidate == DENSE:
         curves = site.dense_curves
     else:
@@ -236,53 +328,105 @@ def candidate_us(tile_mask, m, candidate, dtype, device=None):
     return np.min(np.stack([cv(np.asarray(m)) for cv in curves]), axis=0)
 
 
+@functools.lru_cache(maxsize=16)
 def _grid(m_max: int) -> np.ndarray:
-    """Every M up to 512 (decode / small batches), then ~3 % steps up to m_max."""
+    """Every M up to 512 (decode / small batches), then ~3 % steps up to m_max (read-only)."""
     g = set(range(1, min(512, m_max) + 1))
     g.update(int(x) for x in np.geomspace(512, max(512, m_max), 200))
-    return np.array(sorted(x for x in g if x <= m_max), dtype=np.int64)
+    g = np.array(sorted(x for x in g if x <= m_max), dtype=np.int64)
+    g.flags.writeable = False
+    return g
 
 
-def plan_dispatch(tile_mask, dtype, device=None, m_max: int = M_MAX, max_hybrid: int = MAX_HYBRID) -> DispatchPlan:
-    """Compile-time M dispatch for one weight: at most ``max_hybrid`` hybrid candidates, chosen
-    greedily to minimise the mean log-regret against the best config on a grid of M, then exact
-    thresholds between them and dense from ``cost.lower_envelope``."""
-    if m_max < 1:
-        raise ValueError(f"m_max must be >= 1, got {m_max}")
-    site = _site(tile_mask, dtype, device)
-    base = dict(dtype=site.dtype, device=site.dev.name, shape=tuple(tile_mask.shape), tile=tuple(tile_mask.tile),
-                block_n=site.block_n or 0, block_k=site.block_k or 0, row_order=site.row_order, m_max=m_max)
+def _plan_ranges(site: _Site, m_max: int, max_hybrid: int) -> tuple[str, str, tuple]:
+    """(strategy, reason, ranges) of ``plan_dispatch`` for a site (no per-weight data: memoised)."""
+    sh = site.shape
     g = _grid(m_max)
     wt = np.diff(np.log(np.append(g, g[-1] + 1)))       # log-uniform in M: every octave counts the same
-    dense = np.min(np.stack([c(g) for c in site.dense_curves]), axis=0)
+    dense = sh.dense_on_grid(site.block_n, site.block_k, m_max)
     hyb = site.hybrid_params()
-    H = np.stack([site.model.curve(p)(g) for _, p in hyb]) if hyb else np.empty((0, len(g)))
+    H = sh.grid_batch(site.block_n, site.block_k, m_max).evaluate(site.model) if hyb else np.empty((0, len(g)))
     best = np.minimum(dense, H.min(0)) if len(H) else dense
     chosen, cur = [], dense
+    log_h = np.log(H / best) if len(H) else H
     while len(chosen) < max_hybrid and len(H):
-        gain = np.log(cur / best) @ wt - np.log(np.minimum(cur, H) / best) @ wt
+        # mean log-regret of cur minus that of min(cur, H[i]); log(min(cur, H) / best) taken
+        # elementwise from the two logs (the same floats, one np.log of H instead of one per round)
+        log_cur = np.log(cur / best)
+        gain = log_cur @ wt - np.where(H < cur, log_h, log_cur) @ wt
         i = int(np.argmax(gain))
         if gain[i] < 1e-3 * wt.sum():   # < 0.1 % mean improvement: not worth another kernel variant
             break
         chosen.append(i)
         cur = np.minimum(cur, H[i])
-    curves = site.dense_curves + [site.model.curve(hyb[i][1]) for i in chosen]
-    labels = [DENSE] * len(site.dense_curves) + [hyb[i][0] for i in chosen]
-    ranges = []
-    for lo, hi, i in lower_envelope(curves, m_max):
-        if ranges and ranges[-1][2] == labels[i]:
-            ranges[-1] = (ranges[-1][0], hi, labels[i])
-        else:
-            ranges.append((lo, hi, labels[i]))
+    if not chosen:     # no hybrid curve improves on dense anywhere: the envelope is all dense
+        ranges = ((1, m_max, DENSE),)
+    elif m_max <= TABLE_MAX:     # every M: the cheapest of dense and the chosen kernels (ties: dense,
+        # then the earlier chosen), run-length encoded -- the exact thresholds by brute force
+        ms = np.arange(1, m_max + 1)
+        V = np.stack([sh.dense_min(site.block_n, site.block_k, m_max)]
+                     + [site.model.curve(hyb[i][1])(ms) for i in chosen])
+        win = np.argmin(V, axis=0)
+        cut = np.flatnonzero(win[1:] != win[:-1]) + 1
+        labels = [DENSE] + [hyb[i][0] for i in chosen]
+        ranges = tuple((int(lo), int(hi), labels[win[lo - 1]])
+                       for lo, hi in zip(np.concatenate([[1], cut + 1]), np.concatenate([cut, [m_max]])))
+    else:                        # beyond the table: the exact piecewise-linear envelope
+        envelope = sh.dense_envelope(site.block_n, site.block_k, m_max)
+        labels = [DENSE] * len(envelope) + [hyb[i][0] for i in chosen]
+        ranges = []
+        for lo, hi, i in lower_envelope(envelope + [site.model.curve(hyb[i][1]) for i in chosen], m_max,
+                                        shared=len(envelope)):
+            if ranges and ranges[-1][2] == labels[i]:
+                ranges[-1] = (ranges[-1][0], hi, labels[i])
+            else:
+                ranges.append((lo, hi, labels[i]))
+        ranges = tuple(ranges)
     if all(c == DENSE for _, _, c in ranges):
         why = site.reason or (f"hybrid predicted slower than dense at every M in 1..{m_max} "
                               f"(best hybrid / dense at M=1: {H[:, 0].min() / dense[0]:.2f})" if len(H)
                               else "no hybrid kernel config fits on the device")
-        return DispatchPlan("dense", why, ranges=((1, m_max, DENSE),), **base)
+        return "dense", why, ((1, m_max, DENSE),)
     hyb_m = []
     for lo, hi, c in ranges:
         if c != DENSE:
             hyb_m = hyb_m[:-1] + [(hyb_m[-1][0], hi)] if hyb_m and hyb_m[-1][1] == lo - 1 else hyb_m + [(lo, hi)]
     why = (f"hybrid for M in {', '.join(f'{lo}..{hi}' for lo, hi in hyb_m[:4])}{' ...' if len(hyb_m) > 4 else ''}"
            f" ({dense[0] / cur[0]:.2f}x predicted at M=1); dense elsewhere")
-    return DispatchPlan("hybrid", why, ranges=tuple(ranges), **base)
+    return "hybrid", why, ranges
+
+
+def plan_dispatch(tile_mask, dtype, device=None, m_max: int = M_MAX, max_hybrid: int = MAX_HYBRID) -> DispatchPlan:
+    """Compile-time M dispatch for one weight: at most ``max_hybrid`` hybrid candidates, chosen
+    greedily to minimise the mean log-regret against the best config on a grid of M, then exact
+    thresholds between them and dense from ``cost.lower_envelope``.
+
+    Fast for many weights: everything that depends only on (shape, tile, dtype, device, fp32
+    precision) -- the dense baseline, its envelope, the launch grid -- is computed once, and the
+    rest depends on the tile map only through its sorted per-row 2:4 counts and is memoised on
+    them; a new map of a known shape costs one batched evaluation of the hybrid grid."""
+    if m_max < 1:
+        raise ValueError(f"m_max must be >= 1, got {m_max}")
+    site, row_order = _site(tile_mask, dtype, device)
+    key = (m_max, max_hybrid)
+    if key not in site.plans:
+        site.plans[key] = _plan_ranges(site, m_max, max_hybrid)
+    strategy, why, ranges = site.plans[key]
+    return DispatchPlan(strategy, why, dtype=site.dtype, device=site.dev.name, shape=tuple(tile_mask.shape),
+                        tile=tuple(tile_mask.tile), block_n=site.block_n or 0, block_k=site.block_k or 0,
+                        row_order=row_order, m_max=m_max, ranges=ranges)
+
+
+def planned_us(tile_mask, plan: DispatchPlan, m, device=None) -> np.ndarray:
+    """Predicted µs at every M of ``m`` of the candidate ``plan`` selects there (the plan's own
+    numbers; ``device``: the planning device, a name or spec)."""
+    m = np.atleast_1d(np.asarray(m, dtype=np.int64))
+    out = np.empty(len(m))
+    for lo, hi, c in plan.ranges:
+        sel = (m >= lo) & (m <= hi)
+        if sel.any():
+            out[sel] = candidate_us(tile_mask, m[sel], c, plan.dtype, device)
+    rest = m > plan.m_max
+    if rest.any():
+        out[rest] = candidate_us(tile_mask, m[rest], plan.ranges[-1][2], plan.dtype, device)
+    return out

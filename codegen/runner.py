@@ -114,8 +114,10 @@ class HybridRunner:
         m = x.numel() // max(1, x.shape[-1])
         force = self.force or getattr(entry, "kernel", "auto") == "triton"
         gk = self.kernel_for(m, bias is not None, interpret, force)
+        sites = getattr(entry, "n_sites", 1)                      # a fused group counts per member linear
         if gk is None:                                            # the cost model chose dense at this M
-            counters["dense_dispatch_calls"] += 1
-            return F.linear(x, entry.dense_weight(packed, x), bias)
-        counters["triton_calls"] += 1
+            counters["dense_dispatch_calls"] += sites
+            dense = getattr(entry, "dense_linear", None)          # a group: per member, no concatenated copy
+            return dense(x, packed, bias) if dense is not None else F.linear(x, entry.dense_weight(packed, x), bias)
+        counters["triton_calls"] += sites
         return launch(gk, x, packed, bias)

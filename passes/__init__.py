@@ -1,6 +1,8 @@
 """FX graph passes of the patch backend, one per file; ``PIPELINE`` is the literal order."""
 from .attach_masks import attach_masks
+from .choose_layouts import choose_layouts
 from .find_linear_sites import find_linear_sites
+from .fuse_siblings import fuse_siblings
 from .generate_kernels import generate_kernels
 from .map_owners import map_owners
 from .rewrite_linears import rewrite_linears
@@ -9,8 +11,11 @@ PIPELINE = [
     find_linear_sites,
     map_owners,
     attach_masks,
+    choose_layouts,
+    fuse_siblings,
     generate_kernels,
     rewrite_linears,
 ]
 
-__all__ = ["PIPELINE", "find_linear_sites", "map_owners", "attach_masks", "generate_kernels", "rewrite_linears"]
+__all__ = ["PIPELINE", "find_linear_sites", "map_owners", "attach_masks", "choose_layouts", "fuse_siblings",
+           "generate_kernels", "rewrite_linears"]

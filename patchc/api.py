@@ -71,11 +71,8 @@ def release_dense(model: nn.Module, plan, cfg: PatchConfig) -> int:
             log.warning("patchc: release_dense keeps %s: its weight is shared with %s", name, owners[id(w)])
             continue
         entry = runtime.register_site(w, tm, is_transposed(mod), name)
-        try:
-            from patchc.codegen.layout import plan_dispatch
-            entry.row_order = plan_dispatch(tm, w.dtype, device=cfg.planning_device(), m_max=cfg.m_max).row_order
-        except ImportError:
-            pass
+        from patchc.codegen.layout import plan_dispatch
+        entry.row_order = plan_dispatch(tm, w.dtype, device=cfg.device, m_max=cfg.m_max).row_order
         if w.requires_grad:
             w.requires_grad_(False)
             log.info("patchc: release_dense froze %s (its dense weight is gone)", name)
@@ -144,8 +141,8 @@ class ExplainReport:
         for d in self.decisions:
             ratio = f"{d.packed_bytes / d.dense_bytes:.3f}" if d.action == "hybrid" and d.dense_bytes else "-"
             disp = ""
-            if d.layout and d.layout.get("thresholds"):
-                disp = " [" + d.layout.get("summary", "") + "]"
+            if d.layout and d.layout.get("summary"):       # the cost model's M dispatch, e.g. "M<=64 hybrid bm16; else dense"
+                disp = " [" + d.layout["summary"] + "]"
             rows.append((d.fqn or "<root>", str(d.n), str(d.k), d.dtype, d.action, f"{d.frac_sparse:.2f}", f"{d.sparsity:.3f}",
                          ratio, d.kernel or "-", d.reason + disp))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]

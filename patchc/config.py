@@ -25,8 +25,8 @@ class PatchConfig:
                 TRITON_INTERPRET=1), "reference"
     cache_dir   where generated kernels are written (default: the user cache dir, or $PATCHC_CACHE_DIR)
     dump_dir    write the graph before and after each pass there
-    device      the GPU the cost model plans for when no CUDA device is present (default h200,
-                or $PATCHC_DEVICE)
+    device      the GPU the cost model plans for (default: the current CUDA device, else
+                $PATCHC_DEVICE, else h200)
     fusion      fuse sibling linears that read the same input into one kernel
     m_max       largest number of rows (tokens) the dispatch thresholds are planned for
     release_dense  free the dense weights of rewritten sites (``patchc.compile`` only)
@@ -88,4 +88,7 @@ class PatchConfig:
         return dataclasses.replace(self, **kw)
 
     def planning_device(self) -> str:
-        return self.device or os.environ.get("PATCHC_DEVICE", "h200")
+        """The GPU the cost model plans for: this option, else the current CUDA device, else
+        $PATCHC_DEVICE, else h200."""
+        from patchc.codegen.devices import get_device
+        return get_device(self.device).name

@@ -217,3 +217,117 @@ def test_lower_envelope_matches_brute_force():
     brute = np.argmin(np.stack([c(ms) for c in curves]), axis=0)
     got = np.concatenate([np.full(hi - lo + 1, i) for lo, hi, i in ranges])
     assert ranges[0][0] == 1 and ranges[-1][1] == m_max and (got == brute).all()
+
+
+# ---- the generated kernel's resources (fitted to ptxas on sm_90) -----------------------------------
+# measured on sm_90 (AOT compile of the rendered kernels, ptxas -v; Triton 3.7.1): configs the planner
+# once picked that spill, other spilling ones, and neighbours that fit
+SPILLS_SM90 = [("bf16", 32, 128, 128, 4, 3), ("bf16", 16, 128, 128, 8, 3), ("fp16", 32, 128, 128, 4, 3),
+               ("bf16", 64, 128, 128, 4, 2), ("bf16", 128, 64, 64, 4, 3), ("fp32", 16, 64, 64, 4, 3),
+               ("fp32", 32, 64, 64, 8, 2), ("fp32", 64, 64, 64, 8, 3)]
+FITS_SM90 = [("bf16", 16, 128, 128, 4, 3), ("bf16", 16, 128, 128, 8, 2), ("bf16", 32, 128, 128, 8, 3),
+             ("bf16", 64, 128, 64, 4, 3), ("bf16", 16, 64, 128, 4, 6), ("fp32", 16, 32, 32, 4, 3),
+             ("fp32", 16, 64, 32, 4, 2), ("fp32", 16, 64, 64, 8, 3), ("fp32", 64, 64, 32, 8, 3)]
+
+
+@pytest.fixture
+def ieee():
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(old)
+
+
+def test_spilling_configs_are_infeasible(ieee):
+    from patchc.codegen.cost import ELT_BYTES, hybrid_spills, occupancy
+    h200 = load_device("h200")
+    for dt, bm, bn, bk, w, st in SPILLS_SM90:
+        p = KernelParams(bm, bn, bk, 1, w, st)
+        assert hybrid_spills(p, ELT_BYTES[dt]) and occupancy(h200, p, ELT_BYTES[dt], True) == 0, (dt, p)
+    for dt, bm, bn, bk, w, st in FITS_SM90:
+        p = KernelParams(bm, bn, bk, 1, w, st)
+        assert not hybrid_spills(p, ELT_BYTES[dt]) and occupancy(h200, p, ELT_BYTES[dt], True) > 0, (dt, p)
+    # fp32 "ieee" at 4 warps: every BN x BK >= 64 x 64 spills
+    assert all(hybrid_spills(KernelParams(bm, bn, bk, 1, 4, 3), 4)
+               for bm in (16, 32, 64, 128) for bn in (64, 128) for bk in (64, 128))
+
+
+def test_shared_memory_matches_triton():
+    from patchc.codegen.cost import hybrid_smem_bytes
+    # Triton's metadata.shared of the rendered kernels (sm_90): 16-bit pipelines the two gathered
+    # 2:4 value blocks per stage; fp32 is not pipelined through shared memory
+    assert hybrid_smem_bytes(KernelParams(32, 128, 128, 1, 4, 3), 2) == 172032
+    assert hybrid_smem_bytes(KernelParams(16, 128, 128, 1, 8, 3), 2) == 167936
+    assert hybrid_smem_bytes(KernelParams(16, 64, 64, 1, 4, 5), 2) == 75776
+    assert hybrid_smem_bytes(KernelParams(64, 64, 64, 1, 8, 2), 4) == 81920
+    assert occupancy_of(KernelParams(16, 128, 128, 1, 4, 4), "bf16") == 0      # 233472 B > 227 KiB
+
+
+def occupancy_of(p, dt):
+    from patchc.codegen.cost import ELT_BYTES, occupancy
+    return occupancy(load_device("h200"), p, ELT_BYTES[dt], True)
+
+
+@pytest.mark.parametrize("f", [0.5, 0.9, 1.0])
+def test_plans_never_choose_a_spilling_config(f):
+    """11008 x 4096 (gate/up of LLaMA-7B), where the model used to pick 32x128x128 at 4 warps
+    (f = 0.5) and 16x128x128 at 8 warps 3 stages (f = 0.9, 1.0)."""
+    from patchc.codegen.cost import hybrid_spills
+    from patchc.codegen.layout import plan_dispatch
+    g = torch.Generator().manual_seed(int(f * 10))
+    kind = (torch.rand(86, 32, generator=g) < f).to(torch.uint8)
+    plan = plan_dispatch(tile_map(kind), "bf16", "h200")
+    hyb = [c for c in plan.candidates if c != "dense"]
+    assert hyb, plan.reason
+    for c in hyb:
+        p = KernelParams(c.block_m, plan.block_n, plan.block_k, c.split_k, c.num_warps, c.num_stages)
+        assert not hybrid_spills(p, 2), p
+        assert (p.block_m, p.block_n, p.block_k, p.num_warps) != (32, 128, 128, 4)
+        assert (p.block_m, p.block_n, p.block_k, p.num_warps, p.num_stages) != (16, 128, 128, 8, 3)
+
+
+# ---- calibration (patchc.bench.calibrate): the fit and the rank check, on synthetic measurements ----
+def test_spearman_without_scipy():
+    from patchc.bench.calibrate import ranks, spearman
+    assert ranks([3, 1, 2, 2]).tolist() == [4.0, 1.0, 2.5, 2.5]
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    x, y = [1, 2, 2, 5, 7, 3], [2, 1, 4, 4, 9, 3]
+    rx, ry = ranks(x), ranks(y)                       # Pearson of the ranks, by hand
+    want = np.corrcoef(rx, ry)[0, 1]
+    assert spearman(x, y) == pytest.approx(want)
+
+
+def _synthetic_points():
+    from patchc.bench.calibrate import TILE
+    pts = []
+    for (n, k), f in (((1024, 2048), 0.5), ((2048, 1024), 1.0)):
+        g = torch.Generator().manual_seed(n)
+        kind = (torch.rand(n // TILE[0], k // TILE[1], generator=g) < f).to(torch.uint8)
+        for m in (1, 16, 512):
+            pts.append(dict(kind="dense", n=n, k=k, m=m, dtype="bf16", frac=f, tile_kind=None, params=None))
+            pts.append(dict(kind="hybrid", n=n, k=k, m=m, dtype="bf16", frac=f, tile_kind=kind.tolist(),
+                            params=[16 if m < 64 else 64, 64, 128, 2 if m < 64 else 1, 4, 3]))
+    return pts
+
+
+def test_calibration_fit_reduces_the_error_and_is_stored():
+    import dataclasses
+    from patchc.bench.calibrate import fit, predict, run
+    truth = dataclasses.replace(load_device("h200"), bw_eff=0.7, launch_us=4.5, mma_eff=0.55)
+    pts = _synthetic_points()
+    for p, us in zip(pts, predict(pts, truth)):
+        p["us"] = float(us)
+    spec, values, before, after = fit(pts, load_device("h200"), budget_s=30, sweeps=1)
+    assert before > 0.01 and after < 0.25 * before
+    assert abs(values["launch_us"] - 4.5) < abs(2.0 - 4.5)          # moved towards the truth
+    res = run(budget_s=30, save=True, points=pts)                   # the same, stored for h200
+    assert res["saved"] and res["loss_after"] < res["loss_before"] and res["points"] == len(pts)
+    assert load_device("h200").launch_us == pytest.approx(res["values"]["launch_us"])
+    assert res["spearman_after"] >= res["spearman_before"] - 1e-9
+
+
+def test_calibrate_command_without_gpu_says_so(capsys):
+    from patchc.bench.calibrate import main
+    assert main(["--budget", "5"]) == 2
+    assert "CUDA GPU" in capsys.readouterr().err

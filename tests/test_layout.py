@@ -136,3 +136,43 @@ def test_dispatch_on_every_m_matches_brute_force():
     picked = [cands.index(plan.select(m)) for m in ms]
     assert (cost[ms - 1, picked] == cost.min(1)).all()
     assert [candidate_us(tm, m, c, "fp16", "h100") for m in (1, 700) for c in cands] == cost[[0, 699]].ravel().tolist()
+
+
+# ---- planning many weights: caches and the batched evaluation -----------------------------------------
+def test_hybrid_batch_is_bit_identical_to_the_curves():
+    from patchc.codegen.cost import CostModel, HybridBatch, KernelParams, occupancy
+    from patchc.codegen.layout import _grid
+    from patchc.packing import balanced_row_order
+    for (n_n, n_k), f, bn, bk in (((12, 8), 0.6, 32, 64), ((6, 20), 0.9, 128, 128)):
+        tm = random_tile_mask(n_n, n_k, (128, 128), f, n_n)
+        model = CostModel(tm.tile_kind, tm.tile, tm.shape, "bf16", "h200", balanced_row_order(tm.tile_kind))
+        template = CostModel(torch.zeros_like(tm.tile_kind), tm.tile, tm.shape, "bf16", "h200")
+        params = [p for p in (KernelParams(bm, bn, bk, s, w, st) for bm in (16, 64) for s in (1, 4, 8)
+                              for w in (4, 8) for st in (2, 5)) if occupancy(model.dev, p, 2, True)]
+        for m in (_grid(65536), np.arange(1, 700, 7)):
+            got = HybridBatch(template, params, m).evaluate(model)
+            assert np.array_equal(got, np.stack([model.curve(p)(m) for p in params]))
+
+
+def test_maps_with_the_same_row_counts_share_one_plan():
+    """The model reads a tile map through its sorted per-row 2:4 counts: permuting the tiles
+    within rows and the rows gives the same plan (its own row order)."""
+    tm = random_tile_mask(16, 8, (128, 128), 0.6, 11)
+    g = torch.Generator().manual_seed(0)
+    kind = tm.tile_kind[torch.randperm(16, generator=g)][:, torch.randperm(8, generator=g)]
+    other = TileMask.from_kinds((128, 128), kind, tm.mask)
+    a, b = plan_dispatch(tm, "bf16", "h200", m_max=8192), plan_dispatch(other, "bf16", "h200", m_max=8192)
+    assert a.ranges == b.ranges and (a.block_n, a.block_k) == (b.block_n, b.block_k)
+    assert torch.equal(b.row_order, patchc.packing.balanced_row_order(kind))
+
+
+def test_large_m_max_uses_the_exact_envelope_with_the_same_result(monkeypatch):
+    """Beyond the per-M table (``TABLE_MAX``) the thresholds come from ``lower_envelope``: the same."""
+    from patchc.codegen import layout
+    tm = random_tile_mask(8, 8, (128, 128), 0.8, 5)
+    want = plan_dispatch(tm, "fp16", "h100", m_max=3000)
+    monkeypatch.setattr(layout, "TABLE_MAX", 1024)
+    monkeypatch.setattr(layout, "_SITES", {})
+    monkeypatch.setattr(layout, "_SHAPES", {})
+    got = plan_dispatch(tm, "fp16", "h100", m_max=3000)
+    assert got.ranges == want.ranges and got.strategy == want.strategy

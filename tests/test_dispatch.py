@@ -1,0 +1,186 @@
+"""M dispatch end to end: the plan's thresholds, the runner that follows them, one graph for every M.
+
+The dynamic-batch test runs in a child process with ``TRITON_INTERPRET=1`` (Triton must be
+imported with it set): a 4096 -> 1024 fp16 linear whose tile map is all 2:4 with 128x128 tiles,
+planned for an H200 by the real cost model -- hybrid up to M = 64, dense beyond (asserted here
+first, so a change of the model shows up as such; the interpreter runs its 8 x 32 tile steps at
+M = 2 in seconds).  It is compiled once with a dynamic batch
+dimension (``mark_dynamic``) and ``kernel="triton"`` (the only way generated kernels run on CPU);
+``kernel="triton"`` forces Triton at every M, so after the first call the child sets the compiled
+entries' kernel mode to ``"plan"`` -- any mode other than auto / reference / triton makes the op
+take the runner without forcing it, which then follows the plan as it does on a GPU.  M = 2 must
+then run the interpreted kernel and M = 512 the dense dispatch, through the same graph.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from patchc.codegen.layout import DENSE, HybridCandidate, candidate_us, plan_dispatch
+from patchc.codegen.runner import HybridRunner
+
+SHAPE, TILE, DTYPE = (1024, 4096), (128, 128), torch.float16
+
+
+@pytest.fixture(autouse=True)
+def _no_gpu(monkeypatch):
+    monkeypatch.delenv("PATCHC_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def all_24(n, k, tile):
+    from patchc.types import TileMask
+    mask = torch.zeros(n, k // 4, 4, dtype=torch.bool)
+    mask[..., 1::2] = True
+    return TileMask(tile, torch.ones(n // tile[0], k // tile[1], dtype=torch.uint8), mask.reshape(n, k))
+
+
+def test_plan_of_the_dynamic_case_is_hybrid_then_dense():
+    plan = plan_dispatch(all_24(*SHAPE, TILE), DTYPE, "h200")
+    assert isinstance(plan.select(2), HybridCandidate) and plan.select(512) == DENSE
+    assert 2 < plan.thresholds[0] <= 512
+
+
+@pytest.mark.parametrize("dtype,m_max", [("bf16", 65536), ("fp16", 4096)])
+def test_runner_dispatch_follows_the_thresholds(dtype, m_max):
+    """The runner built from a plan picks, at every M of a grid, the plan's candidate -- which is
+    the cheapest one there by the model's own per-M costs."""
+    tm = all_24(4096, 4096, (128, 128))
+    plan = plan_dispatch(tm, dtype, "h200", m_max=m_max)
+    runner = HybridRunner.from_plan(4096, 4096, dtype, (128, 128), plan)
+    cands = plan.candidates
+    grid = {1, 2, 3, 16, 17, 100, 511, 512, 513, m_max} | {t + d for t in plan.thresholds for d in (-1, 0, 1)}
+    ms = np.array(sorted(m for m in grid if 1 <= m <= m_max))
+    costs = np.stack([candidate_us(tm, ms, c, dtype, "h200") for c in cands], axis=1)
+    for m, row in zip(ms, costs):
+        c = plan.select(int(m))
+        assert row[cands.index(c)] == row.min(), (m, c)
+        params = runner.ranges[runner.index(int(m))][1]
+        assert (params == {"strategy": "dense"}) == (c == DENSE), (m, c, params)
+        if c != DENSE:
+            assert {k: params[k] for k in c.to_dict()} == c.to_dict()
+
+
+CHILD = textwrap.dedent("""
+    import json, os, sys, torch
+    assert os.environ["TRITON_INTERPRET"] == "1"
+    import patchc
+    from patchc import runtime
+    from patchc.plan import MaskPlan
+    from patchc.types import TileMask
+    torch.cuda.is_available = lambda: False
+    (N, K), TILE, DTYPE = {shape}, {tile}, torch.{dtype}
+    SHAPE = (N, K)
+    keep = torch.zeros(N, K // 4, 4, dtype=torch.bool)
+    keep[..., 1::2] = True
+    tm = TileMask(TILE, torch.ones(N // TILE[0], K // TILE[1], dtype=torch.uint8), keep.reshape(N, K))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(K, N)).eval().to(DTYPE)
+    plan = MaskPlan({{"0": tm}})
+    ref = torch.nn.Linear(SHAPE[1], SHAPE[0]).double()
+    with torch.no_grad():
+        ref.weight.copy_(model[0].weight.double() * tm.mask)
+        ref.bias.copy_(model[0].bias.double())
+    compiled = torch.compile(model, backend="patch", options={{"plan": plan, "kernel": "triton", "inner": "eager",
+                                                               "device": "h200", "fusion": False}})
+    out = {{"calls": []}}
+    with torch.inference_mode():
+        for i, m in enumerate((2, 512, 3)):
+            x = torch.randn(m, SHAPE[1], generator=torch.Generator().manual_seed(m)).to(DTYPE)
+            torch._dynamo.mark_dynamic(x, 0)
+            before = dict(patchc.counters)
+            y = compiled(x)
+            err = ((y.double() - ref(x.double())).abs().max() / ref(x.double()).abs().max()).item()
+            after = dict(patchc.counters)
+            out["calls"].append({{"m": m, "err": err, "delta": {{k: after.get(k, 0) - before.get(k, 0) for k in after}}}})
+            if i == 0:     # follow the plan from now on (kernel="triton" forces Triton at every M)
+                for d in patchc.explain(compiled).decisions:
+                    runtime.get_entry(d.site_id).kernel = "plan"
+    from torch._dynamo.utils import counters as dyn
+    from patchc.backend import records
+    out["unique_graphs"] = dyn["stats"]["unique_graphs"]
+    out["backend_calls"] = len(records())
+    out["decisions"] = [(d.action, d.layout["summary"]) for d in patchc.explain(compiled).decisions]
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_dynamic_batch_one_graph_both_branches(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PATCHC_CACHE_DIR": str(tmp_path / "kernels")}
+    env.pop("PATCHC_DEVICE", None)
+    child = CHILD.format(shape=SHAPE, tile=TILE, dtype=str(DTYPE).replace("torch.", ""))
+    r = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
+    out = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT"))[len("RESULT"):])
+    assert out["unique_graphs"] == 1 and out["backend_calls"] == 1            # M = 2, 512, 3: no recompile
+    (first, big, small) = out["calls"]
+    assert all(c["err"] < 2e-2 for c in out["calls"]), out["calls"]
+    assert first["delta"].get("triton_calls") == 1                           # M = 2: the generated kernel
+    assert big["delta"].get("dense_dispatch_calls") == 1 and not big["delta"].get("triton_calls")
+    assert small["delta"].get("triton_calls") == 1 and not small["delta"].get("dense_dispatch_calls")
+    [(action, summary)] = out["decisions"]
+    assert action == "hybrid" and summary.startswith("M<=32 hybrid") and summary.endswith("; else dense")
+
+
+# ---- the choose_layouts pass ---------------------------------------------------------------------
+def _mlp_compile(monkeypatch=None, **opts):
+    import patchc
+    from conftest import MLP
+    from patchc.prune import magnitude_hybrid
+    torch.manual_seed(0)
+    model = MLP().eval()
+    plan = magnitude_hybrid(model, 0.4, (16, 16))
+    compiled = torch.compile(model, backend="patch", options={"plan": plan, "inner": "eager", **opts})
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        y = compiled(x)
+    from conftest import masked_reference
+    want = masked_reference(model, plan)(x.double())
+    assert ((y.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+    return patchc.explain(compiled)
+
+
+def test_dense_everywhere_site_runs_masked_dense_where_kernels_would_run(monkeypatch):
+    """A tiny weight: the planner (H200) finds dense faster at every M.  Where the generated kernels
+    would run (kernel="auto" on a CUDA weight -- simulated here) the site becomes a masked dense
+    linear; on CPU, or with a kernel the user forced, it stays hybrid and says what the plan is."""
+    import importlib
+    import patchc
+    choose_layouts = importlib.import_module("patchc.passes.choose_layouts")     # the module, not the pass
+    rep = _mlp_compile()
+    assert [d.action for d in rep.decisions] == ["hybrid", "hybrid"]
+    assert all(d.layout["summary"] == "dense at every M" and d.layout["thresholds"] == [] for d in rep.decisions)
+    assert "[dense at every M]" in str(rep)
+    monkeypatch.setattr(choose_layouts, "runs_kernels", lambda site, cfg: cfg.kernel == "auto")
+    torch._dynamo.reset()
+    patchc.counters.reset()
+    rep = _mlp_compile()
+    assert [d.action for d in rep.decisions] == ["dense", "dense"]
+    assert all(d.reason == "cost model: dense is faster at every M <= m_max" for d in rep.decisions)
+    assert patchc.counters["masked_dense_calls"] == 2 and patchc.counters["hybrid_calls"] == 0
+    torch._dynamo.reset()
+    rep = _mlp_compile(kernel="reference")                  # the user asked for the kernel path
+    assert [d.action for d in rep.decisions] == ["hybrid", "hybrid"]
+
+
+def test_planning_device_precedence(monkeypatch):
+    """device= option > the current CUDA device > $PATCHC_DEVICE > h200."""
+    from types import SimpleNamespace
+    from patchc.passes.choose_layouts import plan_for
+    tm = all_24(1024, 1024, (128, 128))
+    assert plan_for(tm, torch.bfloat16, None, 4096).device == "h200"
+    monkeypatch.setenv("PATCHC_DEVICE", "a100")
+    assert plan_for(tm, torch.bfloat16, None, 4096).device == "a100"
+    assert plan_for(tm, torch.bfloat16, "l40s", 4096).device == "l40s"
+    props = SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, multi_processor_count=132,
+                            L2_cache_size=50 * 2**20)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    assert plan_for(tm, torch.bfloat16, None, 4096).device == "h100"          # the GPU beats the env var
+    assert plan_for(tm, torch.bfloat16, "l40s", 4096).device == "l40s"        # the option beats the GPU

@@ -1,0 +1,149 @@
+"""Sibling fusion (passes/fuse_siblings.py): q/k/v and gate/up of a tiny Llama run as one
+``patchc::hybrid_linear_group`` call each; the numbers never depend on whether fusion fired."""
+import pytest
+import torch
+
+import patchc
+from patchc import runtime
+from patchc.prune import magnitude_hybrid
+
+from conftest import masked_reference, tiny_llama
+
+TILE = (16, 16)
+
+
+def _compile(model, plan, **opts):
+    return torch.compile(model, backend="patch", options={"plan": plan, "inner": "eager", **opts})
+
+
+@pytest.fixture(scope="module")
+def llama_runs():
+    """One tiny Llama compiled with and without fusion (module scope: compiles are the slow part)."""
+    torch._dynamo.reset()
+    model = tiny_llama()
+    plan = magnitude_hybrid(model, 0.35, TILE)
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = masked_reference(model, plan)(ids).logits
+    out = {}
+    for fusion in (True, False):
+        torch._dynamo.reset()
+        patchc.counters.reset()
+        compiled = _compile(model, plan, fusion=fusion)
+        with torch.inference_mode():
+            y = compiled(ids).logits
+        out[fusion] = dict(y=y, counters=dict(patchc.counters), report=patchc.explain(compiled),
+                           kernels=patchc.kernels(compiled))
+        if fusion:     # a member's weight changes after compile: the group re-packs (same graph)
+            k = model.model.layers[0].self_attn.k_proj.weight
+            saved = k.detach().clone()
+            with torch.inference_mode():
+                with torch.no_grad():
+                    k.mul_(2.0)
+                out["changed"] = dict(y=compiled(ids).logits, want=masked_reference(model, plan)(ids).logits,
+                                      repacks=patchc.counters["repacks"])
+                with torch.no_grad():
+                    k.copy_(saved)
+    return model, plan, ids, want, out
+
+
+def _rel(y, ref):
+    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def test_fused_outputs_match_reference_and_unfused(llama_runs):
+    _, _, _, want, out = llama_runs
+    assert _rel(out[True]["y"], want) < 1e-4 and _rel(out[False]["y"], want) < 1e-4
+    torch.testing.assert_close(out[True]["y"], out[False]["y"], rtol=1e-6, atol=1e-6)
+
+
+def test_qkv_and_gate_up_are_fused(llama_runs):
+    _, plan, _, _, out = llama_runs
+    c = out[True]["counters"]
+    assert c["groups_fused"] == 4 and c["sites_fused"] == 10                 # 2 layers x (q/k/v, gate/up)
+    assert c["fused_calls"] == 4 and c["hybrid_calls"] == c["sites_rewritten"] == len(plan) == 14
+    assert c["packs"] == 4 + 4                                               # 4 groups + o_proj, down_proj x 2
+    # unfused: the 10 q/k/v/gate/up entries pack now (o_proj and down_proj were packed by the fused compile)
+    assert "groups_fused" not in out[False]["counters"] and out[False]["counters"]["packs"] == 10
+    rows = {d.fqn: d for d in out[True]["report"].decisions}
+    assert len(rows) == 15 and sum(d.action == "hybrid" for d in rows.values()) == 14     # a row per linear
+    for layer in (0, 1):
+        p = f"model.layers.{layer}"
+        q, k, v = (rows[f"{p}.self_attn.{n}_proj"] for n in "qkv")
+        assert "fused with" in q.reason and f"{p}.self_attn.k_proj" in q.reason and "N=128" in q.reason
+        assert q.kernel == k.kernel == v.kernel and q.layout["group"] == [q.fqn, k.fqn, v.fqn]
+        gate, up = rows[f"{p}.mlp.gate_proj"], rows[f"{p}.mlp.up_proj"]
+        assert gate.kernel == up.kernel and "N=256" in up.reason
+        assert "fused" not in rows[f"{p}.self_attn.o_proj"].reason and "fused" not in rows[f"{p}.mlp.down_proj"].reason
+        assert q.packed_bytes and q.packed_bytes < q.dense_bytes
+    text = str(out[True]["report"])
+    assert "fused with" in text and "hybrid_linear_group" in text
+    names = {k.name for k in out[True]["kernels"]}
+    assert any(name.startswith("hybrid_n128_k64_") for name in names)      # the q/k/v group's kernel
+    assert not any("fused" in d.reason for d in out[False]["report"].decisions)
+
+
+def test_weight_change_of_one_member_repacks_the_group(llama_runs):
+    changed = llama_runs[-1]["changed"]
+    assert changed["repacks"] >= 1
+    assert _rel(changed["y"], changed["want"]) < 1e-4
+
+
+def test_grad_through_input_of_a_fused_group():
+    torch._dynamo.reset()
+    model = tiny_llama().requires_grad_(False)
+    plan = magnitude_hybrid(model, 0.35, TILE)
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(1))
+    emb = model.model.embed_tokens(ids).detach()
+    ref = masked_reference(model, plan, torch.float32)
+    compiled = _compile(model, plan)
+    x = emb.clone().requires_grad_(True)
+    compiled(inputs_embeds=x).logits.square().sum().backward()
+    xr = emb.clone().requires_grad_(True)
+    ref(inputs_embeds=xr).logits.square().sum().backward()
+    assert patchc.counters["fused_calls"] >= 2
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_siblings_that_cannot_concatenate_stay_separate():
+    """N not a multiple of the tile height: no clean tile-row concat, so no fusion (and why)."""
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(64, 40)          # 40 = 2.5 tile-rows of 16
+            self.b = torch.nn.Linear(64, 48)
+
+        def forward(self, x):
+            return self.a(x).sum(-1) + self.b(x).sum(-1)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Two().eval()
+    plan = magnitude_hybrid(model, 0.4, TILE)
+    compiled = _compile(model, plan)
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        y = compiled(x)
+        want = masked_reference(model, plan)(x.double())
+    assert _rel(y, want) < 1e-5
+    rows = {d.fqn: d for d in patchc.explain(compiled).decisions}
+    assert "not fused with its siblings: N=40 is not a multiple of the tile height 16" in rows["a"].reason
+    assert "fused_calls" not in patchc.counters and rows["b"].action == "hybrid"
+
+
+def test_group_entry_is_registered_once_and_concatenates_masks():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(32, 16), torch.nn.Linear(32, 32)
+    plan = magnitude_hybrid(torch.nn.ModuleDict({"a": a, "b": b}), 0.4, TILE)
+    ea = runtime.register_site(a.weight, plan["a"], False, "a")
+    eb = runtime.register_site(b.weight, plan["b"], False, "b")
+    g1 = runtime.register_group([a.weight, b.weight], [ea, eb], [True, False])
+    g2 = runtime.register_group([a.weight, b.weight], [ea, eb], [True, False])
+    assert g1 is g2 and g1.tile_mask.shape == (48, 32) and g1.sizes == [16, 32]
+    assert torch.equal(g1.tile_mask.mask, torch.cat([plan["a"].mask, plan["b"].mask]))
+    x = torch.randn(5, 32)
+    with torch.inference_mode():
+        y = torch.ops.patchc.hybrid_linear_group(x, [a.weight, b.weight], [a.bias], g1.site_id)
+    want = torch.cat([torch.nn.functional.linear(x, a.weight * plan["a"].mask, a.bias),
+                      torch.nn.functional.linear(x, b.weight * plan["b"].mask)], -1)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
