@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .learn import cli as learn_cli
     learn_cli.register(sub)
+    from .bench import cli as bench_cli
+    bench_cli.register(sub)
     return p
 
 
