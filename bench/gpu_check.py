@@ -32,7 +32,6 @@ import datetime
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -86,38 +85,8 @@ def time_graph(fn, n_copies: int, replays: int = 10) -> float:
         for i in range(n_copies):
             fn(i)
         return (time.perf_counter() - t) * 1e6 / n_copies
-    for i in range(n_copies):                          # warm up: JIT compile, allocator, cuBLAS handles
-        fn(i)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for i in range(n_copies):
-        fn(i)
-    torch.cuda.synchronize()
-    est = (time.perf_counter() - t0) / n_copies
-    # >= 2 ms of work per replay so the replay launch (~10 µs) is noise; whole cycles of copies
-    calls = n_copies * max(2, min(64, math.ceil(2e-3 / max(est, 1e-6) / n_copies)))
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(n_copies):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for j in range(calls):
-            fn(j % n_copies)
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    del g
-    return statistics.median(times)
+    from patchc.bench.calibrate import time_graph as graph_replay_us
+    return graph_replay_us(fn, n_copies, replays)
 
 
 def env_info() -> dict:
