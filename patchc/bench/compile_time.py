@@ -26,7 +26,6 @@ on the rewritten graph.  ``overhead = patch cold / inductor cold - 1``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os

@@ -32,7 +32,6 @@ import csv
 import datetime
 import inspect
 import json
-import logging
 import math
 import os
 import platform
@@ -295,17 +294,32 @@ def torch_itemsize(dtype) -> int:
     return _import_torch().empty((), dtype=dtype).element_size()
 
 
-class _SkipLog(logging.Handler):
-    """Collects inductor's 'skipping cudagraphs due to ...' messages."""
+class _SkipLog:
+    """Collects inductor's "skipping cudagraphs due to ..." messages: they go to an artifact logger
+    that is off unless TORCH_LOGS asks, so its ``warning`` is wrapped on the logger object."""
 
     def __init__(self):
-        super().__init__(logging.DEBUG)
         self.msgs: list[str] = []
+        self._log = None
 
-    def emit(self, record):
-        msg = record.getMessage()
-        if "skipping cudagraphs" in msg.lower() or "cudagraph" in msg.lower() and "skip" in msg.lower():
-            self.msgs.append(msg[:300])
+    def install(self) -> None:
+        try:
+            from torch._inductor import cudagraph_utils
+            log = cudagraph_utils.cudagraphs_log
+        except (ImportError, AttributeError):
+            return
+        orig = log.warning
+
+        def warning(msg, *a, **k):
+            self.msgs.append(str(msg)[:300])
+            return orig(msg, *a, **k)
+        log.warning = warning
+        self._log = log
+
+    def uninstall(self) -> None:
+        if self._log is not None:
+            del self._log.warning                  # back to the class's method
+            self._log = None
 
 
 def env_info(device) -> dict:
@@ -397,9 +411,7 @@ class Bench:
         patchc.counters.reset()
         counters.clear()
         skip = _SkipLog()
-        for name in ("torch._inductor", "torch._inductor.cudagraph_trees", "torch._inductor.cudagraph_utils",
-                     "torch._inductor.compile_fx", "torch._dynamo"):
-            logging.getLogger(name).addHandler(skip)
+        skip.install()
         try:
             t = time.perf_counter()
             step = self.compile_variant(dec.model, variant, plan)
@@ -420,9 +432,7 @@ class Bench:
             r["tokens_per_s"] = dec.batch * a.gen / dt
             r["of_bound"] = r["tokens_per_s"] / r["bound_tokens_per_s"]
         finally:
-            for name in ("torch._inductor", "torch._inductor.cudagraph_trees", "torch._inductor.cudagraph_utils",
-                         "torch._inductor.compile_fx", "torch._dynamo"):
-                logging.getLogger(name).removeHandler(skip)
+            skip.uninstall()
         r["cudagraph_skips"] = int(counters["inductor"].get("cudagraph_skips", 0))
         if skip.msgs:
             r["cudagraph_skip_reasons"] = sorted(set(skip.msgs))[:3]

@@ -84,7 +84,7 @@ def runtime_bytes(model=None) -> dict:
     from patchc import runtime
     from patchc.packing import PackedWeight
     ids = None if model is None else {id(p) for p in model.parameters()}
-    packs, refs = {}, {}
+    packs, refs, groups = {}, {}, {}
     for e in list(runtime._REGISTRY.values()):
         if ids is not None and not any(id(w) in ids for w in _entry_params(e) if w is not None):
             continue
@@ -94,7 +94,10 @@ def runtime_bytes(model=None) -> dict:
         r = getattr(e, "_ref", None)
         if r is not None:
             refs[r[1].untyped_storage().data_ptr()] = r[1].untyped_storage().nbytes()
-    return {"packed": sum(packs.values()), "reference_copies": sum(refs.values()), "packed_weights": len(packs)}
+        if hasattr(e, "_weights"):                 # a fused group keeps its concatenated mask
+            groups[id(e)] = e.tile_mask.mask.numel()
+    return {"packed": sum(packs.values()), "reference_copies": sum(refs.values()), "packed_weights": len(packs),
+            "group_mask_bytes": sum(groups.values())}
 
 
 def measure_rss(spec: dict) -> dict:
@@ -297,6 +300,7 @@ def render_markdown(r: dict) -> str:
                  ("patchc packed weights", lambda x: _mib(x["packed"])),
                  ("reference-path unpacked copies", lambda x: _mib(x["reference_copies"])),
                  ("plan masks held (bool, 1 B / weight)", lambda x: _mib(x.get("plan_mask_bytes", 0))),
+                 ("fused groups' concatenated masks", lambda x: _mib(x.get("group_mask_bytes", 0))),
                  ("compile + first forward (s)", lambda x: f"{x['first_call_s']:.1f}"),
                  ("steady forward (s)", lambda x: f"{x['forward_s']:.2f}"))
         for label, f in extra:
@@ -305,9 +309,31 @@ def render_markdown(r: dict) -> str:
                   "options={\"plan\": file})` (the user's dense weights stay); release: `patchc.compile(model, "
                   "plan, release_dense=True)` (each planned weight is packed and its dense storage replaced by a "
                   "stride-0 view of one zero, in the `patchc.compile` call itself)."]
+    lines += reading(r)
     lines += [f"- whole benchmark {r['wall_s'] / 60:.1f} min", "", "## Reproduce", "", "```",
               r.get("command", ""), "```", ""]
     return "\n".join(lines)
+
+
+def reading(r: dict) -> list[str]:
+    """What the RSS table says, computed from it."""
+    by = {x["mode"]: x for x in r["rss"]}
+    out = []
+    if {"eager", "string", "release"} <= set(by):
+        e, s_, rl = (by[m]["steps"] for m in ("eager", "string", "release"))
+        last = "second forward"
+        out += ["", "## Reading", "",
+                f"- The string backend ends at {s_[last]:,.0f} MiB vs {e[last]:,.0f} MiB eager: the user's dense "
+                f"weights stay, plus the packed weights ({_mib(by['string']['packed'])} MiB), the CPU reference "
+                f"path's unpacked copies ({_mib(by['string']['reference_copies'])} MiB) and the plan's bool masks "
+                f"({_mib(by['string'].get('plan_mask_bytes', 0))} MiB, one byte per planned weight, held by the "
+                f"backend's plan cache, and {_mib(by['string'].get('group_mask_bytes', 0))} MiB more in the fused "
+                "groups' concatenated masks).",
+                f"- release_dense frees {_mib(by['release']['param_bytes_before'] - by['release']['param_bytes_after'])}"
+                f" MiB of parameter storage and ends at {rl[last]:,.0f} MiB: packed weights "
+                f"({_mib(by['release']['packed'])} MiB) + the plan's masks, no unpacked copies "
+                f"({_mib(by['release']['reference_copies'])} MiB; a released site unpacks on every call)."]
+    return out
 
 
 def _tile(s: str):

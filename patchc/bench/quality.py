@@ -296,7 +296,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     d = Options()
     p.add_argument("--quick", action="store_true", help="smoke run (<= 10 min): few rows, steps and samples; "
                    "writes quality-quick.* and never touches the full results")
-    p.add_argument("--rows", default=None, help=f"comma-separated rows (default all): {', '.join(ALL_ROWS)}")
+    p.add_argument("--rows", default=None, help=f"comma-separated rows (default all): {', '.join(ALL_ROWS).replace('%', '%%')}")
     p.add_argument("--steps", type=int, default=None, help=f"learning steps per learned row (default {d.steps})")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
