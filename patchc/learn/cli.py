@@ -10,15 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..cli import _tile  # one parser for "128x128" across the CLI
+
 log = logging.getLogger("patchc")
-
-
-def _tile(text: str) -> tuple[int, int]:
-    try:
-        a, b = (int(v) for v in text.lower().replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"tile must look like 128x128, got {text!r}") from None
-    return a, b
 
 
 def _model_args(p: argparse.ArgumentParser, select: bool = True) -> None:
