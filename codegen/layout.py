@@ -59,6 +59,10 @@ class HybridCandidate:
     def to_dict(self) -> dict:
         return dict(block_m=self.block_m, split_k=self.split_k, num_warps=self.num_warps, num_stages=self.num_stages)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "HybridCandidate":
+        return cls(int(d["block_m"]), int(d["split_k"]), int(d["num_warps"]), int(d["num_stages"]))
+
 
 @dataclass(frozen=True, eq=False)
 class TileLayout:
@@ -138,6 +142,16 @@ class DispatchPlan:
                     m_max=self.m_max, thresholds=self.thresholds,
                     ranges=[dict(m_lo=lo, m_hi=hi, candidate=c if c == DENSE else c.to_dict())
                             for lo, hi, c in self.ranges])
+
+    @classmethod
+    def from_dict(cls, d: dict, row_order) -> "DispatchPlan":
+        """The plan ``to_dict`` wrote (``row_order`` is not in it: pass it along)."""
+        ranges = tuple((int(r["m_lo"]), int(r["m_hi"]),
+                        DENSE if r["candidate"] == DENSE else HybridCandidate.from_dict(r["candidate"]))
+                       for r in d["ranges"])
+        return cls(d["strategy"], d["reason"], dtype=d["dtype"], device=d["device"], shape=tuple(d["shape"]),
+                   tile=tuple(d["tile"]), block_n=int(d["block_n"]), block_k=int(d["block_k"]),
+                   row_order=torch.as_tensor(row_order, dtype=torch.int32), m_max=int(d["m_max"]), ranges=ranges)
 
 
 # ---- per (shape, tile, dtype, device, precision): the dense baseline and the launch grid ------------

@@ -30,8 +30,10 @@ from torch import fx
 from patchc import runtime
 from patchc.runtime import counters
 
-from .choose_layouts import layout_record, plan_for
+from .choose_layouts import cached_json, layout_record, plan_for, plan_key
 from .state import CompileState, LinearSite
+
+_PREDICTIONS: dict = {}      # fusion key -> predictions (also on disk, next to the plans)
 
 log = logging.getLogger("patchc")
 
@@ -134,15 +136,23 @@ def _decide(members, cfg) -> tuple[bool, Any, Any, dict]:
     from patchc.codegen.layout import _grid, planned_us
     dev = get_device(cfg.device)
     tm = runtime.concat_masks([s.tile_mask for s in members])
-    plan = plan_for(tm, members[0].dtype, cfg.device, cfg.m_max)
-    g = _grid(cfg.m_max)
-    wt = np.diff(np.log(np.append(g, g[-1] + 1)))
-    fused = planned_us(tm, plan, g, dev)
-    apart = sum(planned_us(s.tile_mask, s.layout, g, dev) for s in members)
-    mean = float(np.log(fused / apart) @ wt / wt.sum())
-    pred = dict(fused_us_m1=float(fused[0]), separate_us_m1=float(apart[0]), ratio_m1=float(fused[0] / apart[0]),
-                mean_ratio=float(np.exp(mean)))
-    return mean <= 0.0, tm, plan, pred
+    plan = plan_for(tm, members[0].dtype, cfg.device, cfg.m_max, cfg.cache_dir)
+
+    def predict() -> dict:
+        g = _grid(cfg.m_max)
+        wt = np.diff(np.log(np.append(g, g[-1] + 1)))
+        fused = planned_us(tm, plan, g, dev)
+        apart = sum(planned_us(s.tile_mask, s.layout, g, dev) for s in members)
+        mean = float(np.log(fused / apart) @ wt / wt.sum())
+        return dict(fused_us_m1=float(fused[0]), separate_us_m1=float(apart[0]),
+                    ratio_m1=float(fused[0] / apart[0]), mean_ratio=float(np.exp(mean)), mean_log_ratio=mean)
+
+    # the prediction depends on the members' plans, i.e. on their plan keys (memo + disk)
+    key = ("fusion",) + tuple(plan_key(s.tile_mask, s.dtype, cfg.device, cfg.m_max) for s in members)
+    pred = _PREDICTIONS.get(key)
+    if pred is None:
+        pred = _PREDICTIONS[key] = cached_json("fusion", key, predict, cfg.cache_dir)
+    return pred["mean_log_ratio"] <= 0.0, tm, plan, pred
 
 
 def _rewrite(state: CompileState, grp: FusedGroup, order) -> None:

@@ -29,7 +29,7 @@ def _plan(site: LinearSite, cfg):
     if site.layout is not None and hasattr(site.layout, "dispatch"):
         return site.layout
     from .choose_layouts import plan_for
-    return plan_for(site.tile_mask, site.dtype, cfg.device, cfg.m_max)
+    return plan_for(site.tile_mask, site.dtype, cfg.device, cfg.m_max, cfg.cache_dir)
 
 
 def _example_m(site: LinearSite) -> Optional[int]:

@@ -71,8 +71,8 @@ def release_dense(model: nn.Module, plan, cfg: PatchConfig) -> int:
             log.warning("patchc: release_dense keeps %s: its weight is shared with %s", name, owners[id(w)])
             continue
         entry = runtime.register_site(w, tm, is_transposed(mod), name)
-        from patchc.codegen.layout import plan_dispatch
-        entry.row_order = plan_dispatch(tm, w.dtype, device=cfg.device, m_max=cfg.m_max).row_order
+        from patchc.passes.choose_layouts import plan_for
+        entry.row_order = plan_for(tm, w.dtype, cfg.device, cfg.m_max, cfg.cache_dir).row_order
         if w.requires_grad:
             w.requires_grad_(False)
             log.info("patchc: release_dense froze %s (its dense weight is gone)", name)

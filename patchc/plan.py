@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .modules import fingerprint, is_linear, oriented_weight, select_linears
-from .types import DENSE, SPARSE24, TileMask, expand_tiles, grid_of, pack_bits, sparse_allowed, unpack_bits
+from .types import DENSE, SPARSE24, TileMask, expand_tiles, grid_of, sparse_allowed
 
 log = logging.getLogger("patchc")
 
@@ -101,7 +101,7 @@ class MaskPlan(Mapping):
         tensors, entries = {}, {}
         for name, m in self._masks.items():
             tensors[f"{name}.tile_kind"] = m.tile_kind.contiguous()
-            tensors[f"{name}.mask"] = pack_bits(m.mask).contiguous()
+            tensors[f"{name}.mask"] = m.bits.contiguous()
             entries[name] = {"shape": list(m.shape), "tile": list(m.tile)}
         header = {"format": FORMAT, "version": FORMAT_VERSION, "meta": self.meta, "entries": entries}
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -151,7 +151,7 @@ class MaskPlan(Mapping):
                 raise MaskPlanError(f"{path}: entry {name!r} mask has {bits.numel()} bytes, "
                                     f"expected {(shape[0] * shape[1] + 7) // 8} for shape {shape}")
             try:
-                masks[name] = TileMask(tile, kind, unpack_bits(bits, shape)).adopt_bits(bits)
+                masks[name] = TileMask(tile, kind, bits=bits, shape=shape).adopt_bits(bits)
             except ValueError as exc:
                 raise MaskPlanError(f"{path}: entry {name!r}: {exc}") from exc
         plan = cls(masks, header.get("meta") or {})

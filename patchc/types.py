@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -66,31 +66,66 @@ def sparse_allowed(tile, shape) -> torch.Tensor:
     return ok
 
 
-@dataclass(frozen=True, eq=False)
 class TileMask:
-    """One weight's decision. ``mask`` is bool [N, K] in (out, in) orientation."""
+    """One weight's decision. ``mask`` is bool [N, K] in (out, in) orientation.
 
-    tile: tuple[int, int]
-    tile_kind: torch.Tensor
-    mask: torch.Tensor
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    Built from a bool mask, or lazily from its packed bits (``bits=``, ``shape=``: what a mask
+    file stores, ``pack_bits`` order): then ``mask`` is unpacked on first use, and what a
+    compile needs before packing -- shape, fingerprint, pruned count, validity, concatenation of
+    sibling masks -- comes from the bits (a 0.7 B-model plan: ~1.5 s of unpacking to bool saved
+    at load; the packer unpacks each mask when it packs its weight).  Treat it as immutable."""
 
-    def __post_init__(self):
-        object.__setattr__(self, "tile", _check_tile(self.tile))
-        if self.mask.dim() != 2:
-            raise ValueError(f"mask must be 2-D (out, in), got shape {tuple(self.mask.shape)}")
-        object.__setattr__(self, "mask", self.mask.detach().to("cpu", torch.bool).contiguous())
-        object.__setattr__(self, "tile_kind", self.tile_kind.detach().to("cpu", torch.uint8).contiguous())
+    def __init__(self, tile, tile_kind: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
+                 bits: Optional[torch.Tensor] = None, shape=None):
+        self.tile = _check_tile(tile)
+        self._cache: dict = {}
+        if mask is not None:
+            if mask.dim() != 2:
+                raise ValueError(f"mask must be 2-D (out, in), got shape {tuple(mask.shape)}")
+            self._mask = mask.detach().to("cpu", torch.bool).contiguous()
+            self._bits = None
+            self._shape = tuple(int(x) for x in self._mask.shape)
+        else:
+            if bits is None or shape is None:
+                raise ValueError("TileMask needs a bool mask, or its packed bits and shape")
+            self._shape = tuple(int(x) for x in shape)
+            if len(self._shape) != 2:
+                raise ValueError(f"mask must be 2-D (out, in), got shape {self._shape}")
+            bits = bits.detach().to("cpu", torch.uint8).reshape(-1).contiguous()
+            if bits.numel() * 8 < math.prod(self._shape):
+                raise ValueError(f"{bits.numel()} packed bytes cannot hold a {self._shape} mask")
+            self._mask, self._bits = None, bits
+        self.tile_kind = tile_kind.detach().to("cpu", torch.uint8).contiguous()
         want = grid_of(self.shape, self.tile)
         if tuple(self.tile_kind.shape) != want:
             raise ValueError(
                 f"tile_kind has shape {tuple(self.tile_kind.shape)} but a {self.shape} weight with "
                 f"tile {self.tile} has a {want[0]}x{want[1]} tile grid")
 
+    def __repr__(self) -> str:
+        return (f"TileMask(tile={self.tile}, shape={self.shape}, 2:4 tiles={self.num_sparse_tiles()}/"
+                f"{self.tile_kind.numel()})")
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """bool [N, K]; unpacked from the bits on first use when built from them."""
+        m = self._mask
+        if m is None:
+            m = self._mask = unpack_bits(self._bits, self._shape)
+        return m
+
+    @property
+    def bits(self) -> torch.Tensor:
+        """The mask packed 8 per byte (``pack_bits`` order), kept once computed."""
+        b = self._bits
+        if b is None:
+            b = self._bits = pack_bits(self._mask)
+        return b
+
     # ---- shape ---------------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.mask.shape)  # type: ignore[return-value]
+        return self._shape  # type: ignore[return-value]
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -116,6 +151,9 @@ class TileMask:
         """Number of pruned weights (cached; numpy's count: torch's bool ``sum`` took ~0.1 s for a
         4096x1536 mask, paid per site at every compile)."""
         n = self._cache.get("pruned")
+        if n is None and self._mask is None:
+            self.adopt_bits(self._bits)
+            n = self._cache.get("pruned")
         if n is None:
             import numpy as np
             n = int(self.mask.numel() - np.count_nonzero(self.mask.numpy()))
@@ -123,7 +161,7 @@ class TileMask:
         return n
 
     def sparsity(self) -> float:
-        return self.pruned() / max(1, self.mask.numel())
+        return self.pruned() / max(1, math.prod(self.shape))
 
     def fraction_sparse_tiles(self) -> float:
         """Fraction of the weight's *elements* that lie in 2:4 tiles (tiles weighted by size)."""
@@ -138,11 +176,14 @@ class TileMask:
     def fingerprint(self) -> str:
         """Stable hash of the tile map and mask (cached): identifies a (weight, mask) packing."""
         fp = self._cache.get("fp")
+        if fp is None and self._mask is None:
+            self.adopt_bits(self._bits)
+            fp = self._cache.get("fp")
         if fp is None:
             h = hashlib.sha1()
             h.update(repr((self.tile, self.shape)).encode())
             h.update(self.tile_kind.numpy().tobytes())
-            h.update(pack_bits(self.mask).numpy().tobytes())
+            h.update(self.bits.numpy().tobytes())
             fp = h.hexdigest()[:16]
             self._cache["fp"] = fp
         return fp
@@ -150,6 +191,8 @@ class TileMask:
     # ---- validation ----------------------------------------------------------------------
     def validate(self, name: str = "<weight>") -> "TileMask":
         """Raise ``ValueError`` naming the first bad tile and group; return self when valid."""
+        if not self._cache.get("valid") and self._mask is None and "fp" not in self._cache:
+            self.adopt_bits(self._bits)                 # settles validity on the bits when it can
         if self._cache.get("valid") or self._valid_fast():
             self._cache["valid"] = True
             return self

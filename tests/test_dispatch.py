@@ -184,3 +184,34 @@ def test_planning_device_precedence(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
     assert plan_for(tm, torch.bfloat16, None, 4096).device == "h100"          # the GPU beats the env var
     assert plan_for(tm, torch.bfloat16, "l40s", 4096).device == "l40s"        # the option beats the GPU
+
+
+def test_plans_are_cached_on_disk_across_processes(tmp_path, monkeypatch):
+    """A second process (simulated: the memo emptied) reads the plan from <cache_dir>/plans instead
+    of running the cost model; the entry round-trips exactly; a corrupt entry is recomputed; a
+    change of the cost model's sources (its hash) misses."""
+    import importlib
+    choose_layouts = importlib.import_module("patchc.passes.choose_layouts")
+    import patchc.codegen.layout as layout
+    tm = all_24(1024, 1024, (128, 128))
+    monkeypatch.setattr(choose_layouts, "PLANS", {})          # earlier tests may have planned it
+    first = choose_layouts.plan_for(tm, torch.bfloat16, "h200", 4096, tmp_path)
+    files = list((tmp_path / "plans").glob("*.json"))
+    assert len(files) == 1
+    monkeypatch.setattr(choose_layouts, "PLANS", {})
+    monkeypatch.setattr(layout, "plan_dispatch", lambda *a, **k: pytest.fail("ran the cost model on a cached plan"))
+    again = choose_layouts.plan_for(tm, torch.bfloat16, "h200", 4096, tmp_path)
+    assert again.to_dict() == first.to_dict() and torch.equal(again.row_order, first.row_order)
+    assert again.ranges == first.ranges and again.select(1) == first.select(1)
+    monkeypatch.setattr(layout, "plan_dispatch", plan_dispatch)
+    for bad in (b"{not json", json.dumps({"key": "someone else's", "plan": {}, "row_order": []}).encode()):
+        files[0].write_bytes(bad)
+        monkeypatch.setattr(choose_layouts, "PLANS", {})
+        assert choose_layouts.plan_for(tm, torch.bfloat16, "h200", 4096, tmp_path).to_dict() == first.to_dict()
+        assert json.loads(files[0].read_text())["plan"] == first.to_dict()       # rewritten
+    key = choose_layouts.plan_key(tm, torch.bfloat16, "h200", 4096)
+    name = choose_layouts.disk_key(key)
+    choose_layouts.model_hash.cache_clear()
+    monkeypatch.setattr(choose_layouts, "model_hash", lambda: "edited")
+    assert choose_layouts.disk_key(key) != name
+    assert choose_layouts.disk_key(choose_layouts.plan_key(tm, torch.float16, "h200", 4096)) != name

@@ -147,3 +147,31 @@ def test_group_entry_is_registered_once_and_concatenates_masks():
     want = torch.cat([torch.nn.functional.linear(x, a.weight * plan["a"].mask, a.bias),
                       torch.nn.functional.linear(x, b.weight * plan["b"].mask)], -1)
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_reference_weight_from_the_users_weights_equals_the_unpacked_one(transposed):
+    """The CPU reference path builds W ⊙ M from the user's weights (one torch.where, a group's
+    members written in place); it must be the packed weight unpacked, bit for bit, for plain and
+    (in, out)-stored weights, a site and a group alike."""
+    from patchc import runtime
+    from patchc.packing import unpack
+    from patchc.prune import mask24_from_scores
+    from patchc.types import TileMask
+    torch.manual_seed(0)
+    ws, entries = [], []
+    for i, n in enumerate((32, 48)):
+        w = torch.randn((64, n) if transposed else (n, 64))
+        kind = (torch.rand(n // 16, 4) < 0.6).to(torch.uint8)
+        tm = TileMask.from_kinds((16, 16), kind, mask24_from_scores(torch.rand(n, 64)))
+        e = runtime.register_site(w, tm, transposed, f"layer{i}")
+        e.repack(w)
+        assert torch.equal(e.masked_user_weight(), unpack(e.packed))
+        ws.append(w)
+        entries.append(e)
+    g = runtime.register_group(ws, entries, [False, False])
+    p = g.packed_for(ws)
+    ref = g.masked_user_weight()
+    assert ref.shape == (80, 64) and torch.equal(ref, unpack(p))
+    x = torch.randn(3, 64)
+    assert torch.equal(g.reference_weight(p, x), ref)

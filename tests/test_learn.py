@@ -56,6 +56,29 @@ def test_joint_masks_are_24_and_start_at_the_prior():
         pattern_index(torch.where(sparse, m.mask, mask24_from_scores(torch.rand(m.shape))))  # raises if not 2:4
 
 
+def test_pattern_logits_have_their_own_learning_rate():
+    """lr_24 steers only the 2:4 pattern logits: at a tiny lr_24 the learned patterns stay the
+    prior's while the tile choice still moves; at lr_24 = lr they leave it."""
+    model = trained_llama()
+    data = calib_batches(16)
+    mods = dict(model.named_modules())
+
+    def changed(plan):
+        n = 0
+        for name, m in plan.items():
+            prior = mask24_from_scores(mods[name].weight.detach().abs())
+            sparse = expand_tiles(m.tile_kind, m.tile, m.shape).bool()
+            n += int((m.mask[sparse] != prior[sparse]).sum())
+        return n
+
+    slow = learn_masks(model, data, cfg(mode="joint", steps=15, lr=2e-2, lr_24=1e-7, target_sparsity=0.4))
+    fast = learn_masks(model, data, cfg(mode="joint", steps=15, lr=2e-2, target_sparsity=0.4))
+    assert changed(slow) == 0 and changed(fast) > 0
+    assert slow.meta["lr_24"] == 1e-7 and fast.meta["lr_24"] == 2e-2
+    with pytest.raises(ValueError, match="lr_24"):
+        cfg(lr_24=0.0)
+
+
 @pytest.mark.parametrize("mode,loss,lr", [("tile", "lm", 3e-2), ("joint", "lm", 1e-2), ("tile", "distill", 3e-2)])
 def test_learning_lowers_heldout_loss(mode, loss, lr):
     model = trained_llama()

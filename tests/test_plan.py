@@ -88,6 +88,34 @@ def test_save_load_roundtrip(tmp_path, mlp):
     assert json.loads(header["__metadata__"]["patchc"])["format"] == "patchc.maskplan"
 
 
+def test_loaded_masks_stay_bits_until_used(tmp_path, mlp):
+    """A loaded mask is unpacked to bool only when something reads ``mask``: shape, fingerprint,
+    pruned count and validity come from the bits and equal the bool mask's; sibling masks
+    concatenate on the bits (whole bytes) to the same mask and fingerprint as on the bools."""
+    from patchc.runtime import concat_masks
+    plan = _plan(mlp)
+    back = MaskPlan.load(plan.save(tmp_path / "m.safetensors"))
+    for k in plan:
+        b = back[k]
+        assert b._mask is None
+        assert b.shape == plan[k].shape and b.pruned() == plan[k].pruned()
+        assert b.fingerprint() == TileMask(plan[k].tile, plan[k].tile_kind, plan[k].mask.clone()).fingerprint()
+        b.validate(k)
+        assert b._mask is None, "statistics and validation unpacked the mask"
+        assert torch.equal(b.mask, plan[k].mask)
+    # (16, 16) tiles: rows of 16 x K; two loaded masks of equal K concatenate on their bits
+    a = MaskPlan.load(plan.save(tmp_path / "n.safetensors"))
+    same_k = [n for n in a if a[n].shape[1] == a["fc1"].shape[1]] if "fc1" in a else []
+    for n in same_k[:1]:
+        lazy = concat_masks([a[n], MaskPlan.load(tmp_path / "n.safetensors")[n]])
+        eager = TileMask(plan[n].tile, torch.cat([plan[n].tile_kind] * 2), torch.cat([plan[n].mask] * 2))
+        assert lazy._mask is None
+        assert lazy.fingerprint() == eager.fingerprint() and torch.equal(lazy.mask, eager.mask)
+        assert lazy.pruned() == eager.pruned() == 2 * plan[n].pruned()
+    with pytest.raises(ValueError, match="packed bytes cannot hold"):
+        TileMask((16, 16), torch.zeros(1, 1, dtype=torch.uint8), bits=torch.zeros(3, dtype=torch.uint8), shape=(16, 16))
+
+
 def test_bad_mask_files(tmp_path, mlp):
     not_st = tmp_path / "a.safetensors"
     not_st.write_bytes(b"this is not a safetensors file at all")

@@ -21,7 +21,7 @@ VERSION = 1
 FILENAME = "learn_ckpt.safetensors"
 # options a resumed run must share with the run that wrote the checkpoint
 MUST_MATCH = ("mode", "target_sparsity", "tile", "prior", "prior_sparsity", "prior_strength", "calib_batches",
-              "steps", "lr", "tau", "kappa_tile", "kappa_24", "lambda1", "lambda2", "include", "exclude",
+              "steps", "lr", "lr_24", "tau", "kappa_tile", "kappa_24", "lambda1", "lambda2", "include", "exclude",
               "seed", "loss")
 
 
@@ -34,8 +34,13 @@ class Adam:
     joint mode's 1.5 logits per weight, measured on CPU), else in plain tensor ops.
     """
 
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.params, self.lr, self.betas, self.eps = list(params), float(lr), betas, eps
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps: float = 1e-8):
+        """``lr``: one learning rate, or one per parameter."""
+        self.params, self.betas, self.eps = list(params), betas, eps
+        lrs = [float(lr)] * len(self.params) if isinstance(lr, (int, float)) else [float(x) for x in lr]
+        if len(lrs) != len(self.params):
+            raise ValueError(f"Adam: {len(lrs)} learning rates for {len(self.params)} parameters")
+        self.lrs = lrs
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
         self.t = 0
@@ -63,14 +68,16 @@ class Adam:
             p, m, v, g = self.params[i], self.m[i], self.v[i], self.params[i].grad
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            p.addcdiv_(m, (v / bc2).sqrt_().add_(self.eps), value=-self.lr / bc1)
+            p.addcdiv_(m, (v / bc2).sqrt_().add_(self.eps), value=-self.lrs[i] / bc1)
 
     def _fused_step(self, live: list[int]) -> None:
-        steps = [torch.tensor(float(self.t), device=self.params[i].device) for i in live]
-        torch._fused_adam_([self.params[i].data for i in live], [self.params[i].grad for i in live],
-                           [self.m[i] for i in live], [self.v[i] for i in live], [], steps, lr=self.lr,
-                           beta1=self.betas[0], beta2=self.betas[1], weight_decay=0.0, eps=self.eps,
-                           amsgrad=False, maximize=False)
+        for lr in sorted({self.lrs[i] for i in live}):        # one fused call per learning rate
+            idx = [i for i in live if self.lrs[i] == lr]
+            steps = [torch.tensor(float(self.t), device=self.params[i].device) for i in idx]
+            torch._fused_adam_([self.params[i].data for i in idx], [self.params[i].grad for i in idx],
+                               [self.m[i] for i in idx], [self.v[i] for i in idx], [], steps, lr=lr,
+                               beta1=self.betas[0], beta2=self.betas[1], weight_decay=0.0, eps=self.eps,
+                               amsgrad=False, maximize=False)
 
 
 def checkpoint_path(directory: str) -> str:

@@ -65,7 +65,7 @@ def cmd_learn(args) -> int:
     from .trainer import learn_masks
 
     cfg = LearnConfig(mode=args.mode, target_sparsity=args.sparsity, tile=tuple(args.tile), prior=args.prior,
-                      steps=args.steps, lr=args.lr, tau=tuple(args.tau), kappa_tile=args.kappa_tile,
+                      steps=args.steps, lr=args.lr, lr_24=args.lr_24, tau=tuple(args.tau), kappa_tile=args.kappa_tile,
                       kappa_24=tuple(args.kappa_24), lambda1=args.lambda1, lambda2=args.lambda2,
                       include=args.include, exclude=args.exclude, seed=args.seed, device=args.device,
                       dtype=args.dtype, grad_checkpointing=args.grad_checkpointing, loss=args.loss,
@@ -124,7 +124,9 @@ def register(subparsers) -> None:
     p.add_argument("--sparsity", type=float, default=0.35, help="target global sparsity in [0, 0.5] (default: 0.35)")
     p.add_argument("--prior", choices=PRIORS, default="magnitude", help="one-shot method the logits start from")
     p.add_argument("--steps", type=int, default=100, help="optimisation steps (default: 100)")
-    p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate of the mask logits (default: 5e-3)")
+    p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate of the tile logits (default: 5e-3)")
+    p.add_argument("--lr-24", type=float, default=None,
+                   help="Adam learning rate of the 2:4 pattern logits, joint mode (default: --lr)")
     p.add_argument("--loss", choices=LOSSES, default="lm",
                    help="lm: next-token loss; distill: KL to the unmasked model's outputs (default: lm)")
     p.add_argument("--tau", type=float, nargs=2, default=(4.0, 0.05), metavar=("START", "END"),

@@ -52,7 +52,11 @@ class LearnConfig:
         tile prior (0.5: the density a 2:4 tile would have).
     prior_strength: logit gap at step 0, in units of the Gumbel noise scale (both logit kinds).
     calib_batches: how many of the batches the prior (wanda / sparsegpt) is computed on.
-    steps, lr: optimisation steps and Adam learning rate of the logits.
+    steps, lr: optimisation steps and Adam learning rate of the tile logits.
+    lr_24: Adam learning rate of the 2:4 pattern logits (joint mode); ``None`` = ``lr``.  Each
+        Adam step moves a logit by up to ~lr·κ Gumbel units, so at κ_24 = 100 the default 5e-3
+        can wipe out a prior of strength 3 within a few steps: a rate ~10× lower keeps the
+        one-shot pattern as the starting point and lets the data move it slowly (MaskLLM).
     tau: Gumbel-softmax temperature (start, end), moved linearly over the steps.
     kappa_tile: tile-logit scale (start, end); ``None`` = the paper's per-mode default.
     kappa_24: 2:4 pattern-logit scale (start, end) (joint mode).
@@ -81,6 +85,7 @@ class LearnConfig:
     calib_batches: int = 16
     steps: int = 100
     lr: float = 5e-3
+    lr_24: Optional[float] = None
     tau: Sequence[float] = (4.0, 0.05)
     kappa_tile: Optional[Sequence[float]] = None
     kappa_24: Sequence[float] = (100.0, 500.0)
@@ -116,7 +121,7 @@ class LearnConfig:
                 raise ValueError(f"LearnConfig.{name} must be a {'non-negative' if name == 'steps' else 'positive'}"
                                  f" integer, got {v!r}")
             setattr(self, name, int(v))
-        for name in ("lr", "prior_strength"):
+        for name in ("lr", "prior_strength") + (("lr_24",) if self.lr_24 is not None else ()):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"LearnConfig.{name} must be positive, got {getattr(self, name)!r}")
         for name in ("lambda1", "lambda2"):
@@ -131,6 +136,11 @@ class LearnConfig:
             raise ValueError("LearnConfig.resume=True needs LearnConfig.checkpoint_dir")
         self.include = list(self.include) if self.include else None
         self.exclude = list(self.exclude) if self.exclude else None
+
+    @property
+    def pattern_lr(self) -> float:
+        """The learning rate of the 2:4 pattern logits in force: ``lr_24`` or ``lr``."""
+        return float(self.lr_24) if self.lr_24 is not None else float(self.lr)
 
     @property
     def tile_kappa(self) -> tuple[float, float]:
@@ -149,4 +159,5 @@ class LearnConfig:
         d["dtype"] = None if self.dtype is None else str(self.dtype).replace("torch.", "")
         d["tile"], d["tau"] = list(self.tile), list(self.tau)
         d["kappa_tile"], d["kappa_24"] = list(self.tile_kappa), list(self.kappa_24)
+        d["lr_24"] = self.pattern_lr
         return d

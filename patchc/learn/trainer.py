@@ -120,7 +120,8 @@ def hard_plan(model: nn.Module, layers: list[LayerMask], cfg: LearnConfig, steps
     masks = {ly.name: ly.to_tilemask(kinds[ly.name]) for ly in layers}
     plan = MaskPlan(masks, {"tile": list(cfg.tile), "method": f"patch-{cfg.mode}", "prior": cfg.prior,
                             "target_sparsity": cfg.target_sparsity, "steps": steps_done, "seed": cfg.seed,
-                            "loss": cfg.loss, "fingerprint": fingerprint(model, list(masks))})
+                            "loss": cfg.loss, "lr": cfg.lr,
+                            **({"lr_24": cfg.pattern_lr} if cfg.mode == "joint" else {}), "fingerprint": fingerprint(model, list(masks))})
     plan.meta["per_layer_sparsity"] = {n: round(m.sparsity(), 6) for n, m in masks.items()}
     log.info("patchc: learned plan, global sparsity %.4f (target %.4f)", plan.sparsity(), cfg.target_sparsity)
     for n, row in plan.per_layer().items():
@@ -163,7 +164,7 @@ def learn_masks(model: nn.Module, batches, config: Optional[LearnConfig] = None,
                   for n, s in shapes.items()}
     layers = build_layers(mods, priors, cfg)
     params = [p for layer in layers for p in layer.params]
-    adam = Adam(params, cfg.lr)
+    adam = Adam(params, [cfg.lr if p is layer.tile_logits else cfg.pattern_lr for layer in layers for p in layer.params])
     gen = torch.Generator(device=device)       # all the noise; the global RNG is left alone
     gen.manual_seed(cfg.seed)
     start = restore_state(ckpt, layers, adam, gen) if ckpt else 0
