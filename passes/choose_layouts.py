@@ -32,7 +32,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch

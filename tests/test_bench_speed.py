@@ -115,10 +115,13 @@ def test_bench_cli_help(capsys):
         assert name in out
 
 
-def test_compile_time_measure_and_report(tmp_path):
+def test_compile_time_measure_and_report(tmp_path, monkeypatch):
+    import importlib
     from patchc.bench import compile_time as ct
     from patchc.bench import memory
     from patchc.runtime import SiteEntry
+    monkeypatch.setenv("PATCHC_CACHE_DIR", str(tmp_path / "cache"))       # cold: no cost-model plans on disk
+    monkeypatch.setattr(importlib.import_module("patchc.passes.choose_layouts"), "PLANS", {})
     model = ct.build_model(ct.TINY, "fp32")
     plan_path = str(tmp_path / "plan.safetensors")
     memory.plans_at(model, [0.35], (32, 32))[0.35].save(plan_path)
@@ -134,6 +137,8 @@ def test_compile_time_measure_and_report(tmp_path):
     p = runs[2]
     assert p["decisions"]["hybrid"] == 14 and p["finite"]
     assert p["split"]["packing"] > 0 and p["split"]["cost model"] > 0 and p["pack_dense_bytes"] > 0
+    assert p["split"]["reference weight"] > 0                # eager inner on CPU: the reference path ran
+    assert list((tmp_path / "cache" / "plans").glob("*.json"))   # the next process reads its plans
     assert p["split"]["total"] == pytest.approx(sum(v for k, v in p["split"].items() if k not in ("total", "render")))
     result = {"env": ct.env_info(), "model": ct.TINY, "dtype": "fp32", "seq": 8, "sparsity": 0.35, "tile": [32, 32],
               "inner": "eager", "baseline": "eager", "runs": runs, "wall_s": 1.0, "command": "x",

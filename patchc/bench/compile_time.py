@@ -38,10 +38,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from . import child
+
 MODEL = dict(hidden=1536, intermediate=4096, layers=24, heads=12, kv_heads=4, vocab=32000)
 TINY = dict(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, vocab=512)
 DTYPES = ("bf16", "fp32")
-_RESULT = "PATCHC_BENCH_RESULT "          # prefix of the child's JSON line on stdout
 
 
 # ---- the model and the plan ------------------------------------------------------------------
@@ -313,16 +314,7 @@ def _child_env(cache_root: Path, threads: Optional[int], compile_threads: Option
 
 def run_child(task: str, spec: dict, env: dict, timeout: float = 1800) -> dict:
     """Run ``task`` ("measure" or "plan") in a fresh interpreter; its JSON result."""
-    cmd = [sys.executable, "-m", "patchc.bench.compile_time", "--child", task, json.dumps(spec)]
-    t = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith(_RESULT)]
-    if p.returncode or not lines:
-        raise RuntimeError(f"child {task} {spec.get('backend', '')} failed (rc {p.returncode}):\n"
-                           f"{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
-    out = json.loads(lines[-1][len(_RESULT):])
-    out["process_s"] = time.perf_counter() - t
-    return out
+    return child.run_child("patchc.bench.compile_time", task, spec, env, timeout)
 
 
 def make_plan_file(spec: dict, path: str) -> dict:
@@ -429,17 +421,11 @@ def main_args(args) -> int:
     return 0
 
 
-def _child(task: str, spec_json: str) -> int:
-    spec = json.loads(spec_json)
-    out = measure(spec) if task == "measure" else make_plan_file(spec, spec["path"])
-    print(_RESULT + json.dumps(out), flush=True)
-    return 0
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--child"]:
-        return _child(argv[1], argv[2])
+    rc = child.child_main(argv, {"measure": measure, "plan": lambda spec: make_plan_file(spec, spec["path"])})
+    if rc is not None:
+        return rc
     p = argparse.ArgumentParser(prog="patchc bench compile-time", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     args = p.parse_args(argv)

@@ -23,16 +23,15 @@ import argparse
 import ctypes
 import gc
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from . import child
 from .compile_time import MODEL, TINY, build_model, env_info
 
 TARGETS = (0.25, 0.35, 0.45)
-_RESULT = "PATCHC_BENCH_RESULT "
 MODES = ("eager", "string", "release")
 
 
@@ -147,7 +146,7 @@ def plans_at(model, targets, tile):
     from patchc.modules import fingerprint, oriented_weight, select_linears
     from patchc.plan import MaskPlan
     from patchc.prune import mask24_from_scores, select_sparse_tiles, tile_errors, tile_sizes
-    from patchc.types import TileMask, sparse_allowed
+    from patchc.types import sparse_allowed
     mods = select_linears(model)
     m24, costs, sizes, allowed = {}, {}, {}, {}
     for name, m in mods.items():
@@ -217,12 +216,7 @@ def measure_bytes(spec: dict) -> dict:
 
 # ---- orchestration ---------------------------------------------------------------------------
 def run_child(task: str, spec: dict, timeout: float = 3600) -> dict:
-    cmd = [sys.executable, "-m", "patchc.bench.memory", "--child", task, json.dumps(spec)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith(_RESULT)]
-    if p.returncode or not lines:
-        raise RuntimeError(f"memory child {task} failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
-    return json.loads(lines[-1][len(_RESULT):])
+    return child.run_child("patchc.bench.memory", task, spec, None, timeout)
 
 
 def run(args) -> dict:
@@ -375,17 +369,11 @@ def main_args(args) -> int:
     return 0
 
 
-def _child(task: str, spec_json: str) -> int:
-    spec = json.loads(spec_json)
-    out = measure_bytes(spec) if task == "bytes" else measure_rss(spec)
-    print(_RESULT + json.dumps(out), flush=True)
-    return 0
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--child"]:
-        return _child(argv[1], argv[2])
+    rc = child.child_main(argv, {"bytes": measure_bytes, "rss": measure_rss})
+    if rc is not None:
+        return rc
     p = argparse.ArgumentParser(prog="patchc bench memory", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     args = p.parse_args(argv)

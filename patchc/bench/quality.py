@@ -62,6 +62,7 @@ class Options:
     prior: str = "wanda"             # prior of the learned rows and score of oneshot-hybrid
     loss: str = "distill"
     lr: float = 5e-3
+    lr_24: float = 5e-4               # 2:4 pattern logits (joint rows): 10x below lr, see LearnConfig.lr_24
     tile: tuple = (128, 128)
     inner: str = "eager"             # what runs the non-linear part of the compiled graph
     seed: int = 0
@@ -134,6 +135,7 @@ def make_plan(ctx: Context, method: str, opt: Options, work_dir: str, say: Calla
     ckpt = os.path.join(work_dir, "ckpt", slug(method))
     os.makedirs(ckpt, exist_ok=True)
     cfg = LearnConfig(mode=mode, target_sparsity=target, tile=opt.tile, prior=opt.prior, steps=opt.steps, lr=opt.lr,
+                      lr_24=opt.lr_24 if mode == "joint" else None,
                       loss=opt.loss, calib_batches=max(1, min(opt.prior_batches, len(ctx.calib))), seed=opt.seed,
                       checkpoint_dir=ckpt, checkpoint_every=opt.checkpoint_every, resume=True, progress=False)
     elapsed_path = os.path.join(ckpt, "elapsed.json")
@@ -306,7 +308,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=f"calibration batches for Wanda/SparseGPT statistics and priors (default {d.prior_batches})")
     p.add_argument("--prior", default=d.prior, choices=("magnitude", "wanda", "sparsegpt"))
     p.add_argument("--loss", default=d.loss, choices=("lm", "distill"))
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam lr of the tile logits (default {d.lr})")
+    p.add_argument("--lr-24", type=float, default=d.lr_24,
+                   help=f"Adam lr of the 2:4 pattern logits, joint rows (default {d.lr_24})")
     p.add_argument("--inner", default=d.inner, choices=("eager", "inductor"))
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--model", default="smollm2", help="checkpoint dir or GGUF file (default: the bundled SmolLM2-135M)")
@@ -326,7 +330,7 @@ def options_from_args(args) -> Options:
                    calib_samples=pick(args.calib_samples, d.calib_samples, 8),
                    eval_samples=pick(args.eval_samples, d.eval_samples, 4),
                    prior_batches=pick(args.prior_batches, d.prior_batches, 4), prior=args.prior, loss=args.loss,
-                   lr=args.lr, inner=args.inner, seed=args.seed)
+                   lr=args.lr, lr_24=args.lr_24, inner=args.inner, seed=args.seed)
 
 
 def run(args) -> int:
