@@ -189,7 +189,8 @@ def fuse_siblings(state: CompileState) -> None:
                              f"{pred['mean_ratio']:.2f}x the separate time")
                 continue
             weights = [s.weight for s in members]
-            entry = runtime.register_group(weights, [s.entry for s in members], [s.bias_node is not None for s in members])
+            entry = runtime.register_group(weights, [s.entry for s in members], [s.bias_node is not None for s in members],
+                                           tm)
             entry.kernel = cfg.kernel
             if entry.packed is None:
                 entry.row_order = plan.row_order

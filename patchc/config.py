@@ -23,7 +23,8 @@ class PatchConfig:
     fallback    a site that cannot be rewritten: "dense" (masked dense linear) or "error" (raise)
     kernel      "auto" (Triton on CUDA, reference on CPU), "triton" (everywhere; on CPU needs
                 TRITON_INTERPRET=1), "reference"
-    cache_dir   where generated kernels are written (default: the user cache dir, or $PATCHC_CACHE_DIR)
+    cache_dir   where generated kernels and the cost model's plans (``plans/``, ``fusion/``) are
+                cached (default: the user cache dir, or $PATCHC_CACHE_DIR)
     dump_dir    write the graph before and after each pass there
     device      the GPU the cost model plans for (default: the current CUDA device, else
                 $PATCHC_DEVICE, else h200)

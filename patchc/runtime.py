@@ -10,6 +10,7 @@ the masked weight.
 from __future__ import annotations
 
 import collections
+import hashlib
 import itertools
 import logging
 import threading
@@ -433,13 +434,23 @@ def concat_masks(masks) -> TileMask:
     if bad:
         raise ValueError(f"cannot concatenate masks {bad} with tile {tile}")
     kind = torch.cat([m.tile_kind for m in masks], 0)
-    if all(m.shape[0] * m.shape[1] % 8 == 0 for m in masks):    # whole bytes: concatenate the bits
-        bits = torch.cat([m.bits[: m.shape[0] * m.shape[1] // 8] for m in masks])
-        return TileMask(tile, kind, bits=bits, shape=(sum(m.shape[0] for m in masks), masks[0].shape[1])).adopt_bits(bits)
-    return TileMask(tile, kind, torch.cat([m.mask for m in masks], 0))
+    if not all(m.shape[0] * m.shape[1] % 8 == 0 for m in masks):
+        return TileMask(tile, kind, torch.cat([m.mask for m in masks], 0))
+    # whole bytes: concatenate the bits; the statistics follow from the members' (the hash is
+    # the fingerprint's formula over the concatenated bytes; valid members make a valid group)
+    bits = torch.cat([m.bits[: m.shape[0] * m.shape[1] // 8] for m in masks])
+    out = TileMask(tile, kind, bits=bits, shape=(sum(m.shape[0] for m in masks), masks[0].shape[1]))
+    h = hashlib.sha1()
+    h.update(repr((out.tile, out.shape)).encode())
+    h.update(kind.numpy().tobytes())
+    h.update(bits.numpy().tobytes())
+    out._cache.update(fp=h.hexdigest()[:16], pruned=sum(m.pruned() for m in masks))
+    if all(m._cache.get("valid") for m in masks):
+        out._cache["valid"] = True
+    return out
 
 
-def register_group(weights, members, has_bias) -> GroupEntry:
+def register_group(weights, members, has_bias, tile_mask: Optional[TileMask] = None) -> GroupEntry:
     """The entry of a fused group (created once per process for these weights and masks)."""
     key = ("group", tuple(id(w) for w in weights), tuple(m.tile_mask.fingerprint() for m in members),
            tuple(m.transposed for m in members), tuple(bool(b) for b in has_bias))
@@ -449,7 +460,8 @@ def register_group(weights, members, has_bias) -> GroupEntry:
             g = _REGISTRY[gid]
             if all(r() is w for r, w in zip(g._weights, weights)):
                 return g
-        g = GroupEntry(next(_IDS), weights, members, concat_masks([m.tile_mask for m in members]), has_bias)
+        tm = tile_mask if tile_mask is not None else concat_masks([m.tile_mask for m in members])
+        g = GroupEntry(next(_IDS), weights, members, tm, has_bias)
         _REGISTRY[g.site_id] = g
         _BY_KEY[key] = g.site_id
         for w in weights:

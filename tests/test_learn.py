@@ -72,9 +72,10 @@ def test_pattern_logits_have_their_own_learning_rate():
         return n
 
     slow = learn_masks(model, data, cfg(mode="joint", steps=15, lr=2e-2, lr_24=1e-7, target_sparsity=0.4))
-    fast = learn_masks(model, data, cfg(mode="joint", steps=15, lr=2e-2, target_sparsity=0.4))
+    fast = learn_masks(model, data, cfg(mode="joint", steps=15, lr=2e-2, lr_24=2e-2, target_sparsity=0.4))
     assert changed(slow) == 0 and changed(fast) > 0
     assert slow.meta["lr_24"] == 1e-7 and fast.meta["lr_24"] == 2e-2
+    assert cfg(mode="joint", lr=2e-2).pattern_lr == pytest.approx(2e-3)        # default: lr / 10
     with pytest.raises(ValueError, match="lr_24"):
         cfg(lr_24=0.0)
 

@@ -126,7 +126,7 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=100, help="optimisation steps (default: 100)")
     p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate of the tile logits (default: 5e-3)")
     p.add_argument("--lr-24", type=float, default=None,
-                   help="Adam learning rate of the 2:4 pattern logits, joint mode (default: --lr)")
+                   help="Adam learning rate of the 2:4 pattern logits, joint mode (default: --lr / 10)")
     p.add_argument("--loss", choices=LOSSES, default="lm",
                    help="lm: next-token loss; distill: KL to the unmasked model's outputs (default: lm)")
     p.add_argument("--tau", type=float, nargs=2, default=(4.0, 0.05), metavar=("START", "END"),
