@@ -326,7 +326,7 @@ class GroupEntry:
             self.row_order = row_order
         with torch.no_grad():
             ws = [m.oriented(w) for m, w in zip(self.members, weights)]
-            self.packed = pack(torch.cat(ws, 0), self.tile_mask, self.row_order)
+            self.packed = pack(cat_rows(ws), self.tile_mask, self.row_order)
             self._weight_masked = all(holds_masked(w, m.tile_mask.mask) for m, w in zip(self.members, ws))
         self._stamp = self._stamp_of(weights)
         self._ref = None
@@ -427,18 +427,34 @@ class FusedMember:
         return self.packed
 
 
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def cat_rows(ts) -> Tensor:
+    """``torch.cat(ts, 0)``; CPU tensors go through numpy, which was 8-80x faster on the 2-core
+    VM this was measured on (2 x 786 KB uint8: 13.5 ms vs 0.16 ms; 2 x 4096x1536 bf16: 17 ms vs
+    2.2 ms), the difference being how fresh memory is obtained."""
+    if any(t.device.type != "cpu" or t.element_size() not in _SAME_SIZE_INT or t.is_complex() for t in ts):
+        return torch.cat(ts, 0)
+    import numpy as np
+    it = _SAME_SIZE_INT[ts[0].element_size()]
+    if any(t.dtype != ts[0].dtype for t in ts):
+        return torch.cat(ts, 0)
+    return torch.from_numpy(np.concatenate([t.detach().contiguous().view(it).numpy() for t in ts], 0)).view(ts[0].dtype)
+
+
 def concat_masks(masks) -> TileMask:
     """The row-concatenation of TileMasks with one tile whose N are multiples of the tile height."""
     tile = masks[0].tile
     bad = [m.shape for m in masks if m.tile != tile or m.shape[0] % tile[0] or m.shape[1] != masks[0].shape[1]]
     if bad:
         raise ValueError(f"cannot concatenate masks {bad} with tile {tile}")
-    kind = torch.cat([m.tile_kind for m in masks], 0)
+    kind = cat_rows([m.tile_kind for m in masks])
     if not all(m.shape[0] * m.shape[1] % 8 == 0 for m in masks):
-        return TileMask(tile, kind, torch.cat([m.mask for m in masks], 0))
+        return TileMask(tile, kind, cat_rows([m.mask for m in masks]))
     # whole bytes: concatenate the bits; the statistics follow from the members' (the hash is
     # the fingerprint's formula over the concatenated bytes; valid members make a valid group)
-    bits = torch.cat([m.bits[: m.shape[0] * m.shape[1] // 8] for m in masks])
+    bits = cat_rows([m.bits[: m.shape[0] * m.shape[1] // 8] for m in masks])
     out = TileMask(tile, kind, bits=bits, shape=(sum(m.shape[0] for m in masks), masks[0].shape[1]))
     h = hashlib.sha1()
     h.update(repr((out.tile, out.shape)).encode())

@@ -175,3 +175,15 @@ def test_reference_weight_from_the_users_weights_equals_the_unpacked_one(transpo
     assert ref.shape == (80, 64) and torch.equal(ref, unpack(p))
     x = torch.randn(3, 64)
     assert torch.equal(g.reference_weight(p, x), ref)
+
+
+def test_cat_rows_is_torch_cat():
+    """runtime.cat_rows (numpy on CPU) equals torch.cat for every dtype the runtime concatenates,
+    transposed views included."""
+    torch.manual_seed(0)
+    for dt in (torch.bfloat16, torch.float16, torch.float32, torch.bool, torch.uint8):
+        a, b = (torch.randn(5, 3) * 3).to(dt), (torch.randn(2, 3) * 3).to(dt)
+        out = runtime.cat_rows([a, b])
+        assert out.dtype == dt and torch.equal(out, torch.cat([a, b]))
+    t = torch.randn(4, 3).t()
+    assert torch.equal(runtime.cat_rows([t, t]), torch.cat([t, t]))
