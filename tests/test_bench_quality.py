@@ -78,3 +78,20 @@ def test_rows_and_split():
     p = q.add_arguments(__import__("argparse").ArgumentParser())
     opt = q.options_from_args(p.parse_args(["--quick"]))
     assert opt.steps < 20 and opt.eval_samples <= 8 and opt.seq_len >= 256
+
+
+def test_targets_are_checked_on_the_rows():
+    from patchc.bench.quality_report import target_lines
+    done = lambda m, p: {"method": m, "status": "done", "ppl": p}  # noqa: E731
+    rows = [done("dense", 50.0), done("magnitude 2:4", 900.0), done("wanda 2:4", 160.0), done("sparsegpt 2:4", 100.0),
+            done("oneshot-hybrid 25%", 80.0), done("patch-tile 25%", 70.0), done("patch-joint 25%", 56.0),
+            done("patch-tile 35%", 75.0), done("patch-tile 45%", 90.0), done("oneshot-hybrid 45%", 85.0),
+            done("learned 2:4", 95.0), {"method": "patch-joint 45%", "status": "pending"}]
+    text = "\n".join(target_lines(rows))
+    assert "| PATCH 25 % ≤ 1.15× dense | 1.12× (patch-joint 25%) | met |" in text
+    assert "sparsegpt 2:4 / patch-tile 45% = 1.11× | missed |" in text
+    assert "| patch-tile 25% < oneshot-hybrid 25% | 70.00 vs 80.00 | met |" in text
+    assert "| patch-tile 45% < oneshot-hybrid 45% | 90.00 vs 85.00 | missed |" in text
+    assert text.rstrip().endswith("| 56.0 < 75.0 < 90.0 < 95.0 < 100.0 < 160.0 < 900.0 | met |")
+    rows[-2] = done("learned 2:4", 120.0)
+    assert "learned 2:4 120.0 ≥ sparsegpt 2:4 100.0 | missed |" in "\n".join(target_lines(rows))

@@ -60,6 +60,11 @@ def write_md(path: str, rows: list[dict], header: dict, link_dir: str = "quality
               " (must be ≤ 1e-4).  `tokens_seen` = tokens the mask learning ran on (steps × batch × seq_len);"
               " `calib_tokens` = tokens of the calibration statistics (Wanda/SparseGPT/prior).  `hybrid_sites` ="
               " linears the backend rewrote to the patchc op (the rest stayed masked dense)."]
+    lines += [""] + target_lines(rows)
+    notes = os.path.join(os.path.dirname(path), link_dir, "NOTES.md")
+    if os.path.isfile(notes):                       # hand-written analysis, kept across renders
+        with open(notes) as f:
+            lines += ["", f.read().strip()]
     layered = [r for r in rows if r.get("layer_files")]
     if layered:
         lines += ["", "Per-layer sparsity each run chose (table, tile maps, block × projection heatmap):", ""]
@@ -69,6 +74,45 @@ def write_md(path: str, rows: list[dict], header: dict, link_dir: str = "quality
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    """The issue's targets, checked on the finished rows (PATCH = the better of tile / joint)."""
+    ppl = {r["method"]: r["ppl"] for r in rows if r.get("status") == "done" and r.get("ppl")}
+    dense = ppl.get("dense")
+
+    def patch(s):
+        got = {m: ppl[m] for m in (f"patch-tile {s}%", f"patch-joint {s}%") if m in ppl}
+        return (min(got.values()), min(got, key=got.get)) if got else (None, None)
+
+    out = ["## Targets", "", "| target | measured | status |", "|---|---|---|"]
+    p25, m25 = patch(25)
+    ratio = p25 / dense if p25 and dense else None
+    out.append(f"| PATCH 25 % ≤ 1.15× dense | {'pending' if ratio is None else f'{ratio:.2f}× ({m25})'} | "
+               f"{'pending' if ratio is None else 'met' if ratio <= 1.15 else 'missed'} |")
+    p45, m45 = patch(45)
+    one24 = {m: ppl[m] for m in ("magnitude 2:4", "wanda 2:4", "sparsegpt 2:4") if m in ppl}
+    if p45 and one24:
+        best = min(one24, key=one24.get)
+        r = one24[best] / p45
+        out.append(f"| PATCH 45 % ≥ 2× better than the best one-shot 2:4 | {best} / {m45} = {r:.2f}× | "
+                   f"{'met' if r >= 2 else 'missed'} |")
+    else:
+        out.append("| PATCH 45 % ≥ 2× better than the best one-shot 2:4 | pending | pending |")
+    for s in (25, 35, 45):
+        for kind in ("tile", "joint"):
+            m, o = f"patch-{kind} {s}%", f"oneshot-hybrid {s}%"
+            if m in ppl and o in ppl:
+                out.append(f"| {m} < {o} | {ppl[m]:.2f} vs {ppl[o]:.2f} | {'met' if ppl[m] < ppl[o] else 'missed'} |")
+    chain = [("PATCH 25%", patch(25)[0]), ("PATCH 35%", patch(35)[0]), ("PATCH 45%", patch(45)[0]),
+             ("learned 2:4", ppl.get("learned 2:4")), ("sparsegpt 2:4", ppl.get("sparsegpt 2:4")),
+             ("wanda 2:4", ppl.get("wanda 2:4")), ("magnitude 2:4", ppl.get("magnitude 2:4"))]
+    have = [(n, v) for n, v in chain if v is not None]
+    broken = [f"{a} {va:.1f} ≥ {b} {vb:.1f}" for (a, va), (b, vb) in zip(have, have[1:]) if va >= vb]
+    status = "pending" if len(have) < len(chain) and not broken else ("met" if not broken else "missed")
+    out.append(f"| ordering {' < '.join(n for n, _ in chain)} | "
+               f"{' < '.join(f'{v:.1f}' for _, v in have) if not broken else '; '.join(broken)} | {status} |")
+    return out
 
 
 def plot_quality(path: str, rows: list[dict], title: str = "SmolLM2-135M perplexity vs sparsity") -> Optional[str]:
