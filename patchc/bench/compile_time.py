@@ -137,6 +137,7 @@ class PatchcTimers:
         self._wrap(backend, "load_plan", "loading")
         self._wrap(cache, "load_module", "loading")
         self._wrap(layout, "plan_dispatch", "cost model")
+        self._wrap(layout, "planned_us", "cost model")             # fusion predictions (fuse_siblings)
         self._wrap(runner, "get_kernel", "codegen")
         self._wrap(cache, "render", "render")                    # inside codegen
         self._wrap(runtime.SiteEntry, "repack", "packing", after=self._packed)
