@@ -204,13 +204,15 @@ def test_plans_are_cached_on_disk_across_processes(tmp_path, monkeypatch):
     assert again.to_dict() == first.to_dict() and torch.equal(again.row_order, first.row_order)
     assert again.ranges == first.ranges and again.select(1) == first.select(1)
     monkeypatch.setattr(layout, "plan_dispatch", plan_dispatch)
-    for bad in (b"{not json", json.dumps({"key": "someone else's", "plan": {}, "row_order": []}).encode()):
+    key = choose_layouts.plan_key(tm, torch.bfloat16, "h200", 4096)
+    name = choose_layouts.disk_key(key)
+    assert files[0].name == f"{name}.json"
+    for bad in (b"{not json", json.dumps({"key": "someone else's", "value": {}}).encode(),
+                json.dumps({"key": name, "value": {"plan": {"ranges": 3}}}).encode()):       # right key, bad body
         files[0].write_bytes(bad)
         monkeypatch.setattr(choose_layouts, "PLANS", {})
         assert choose_layouts.plan_for(tm, torch.bfloat16, "h200", 4096, tmp_path).to_dict() == first.to_dict()
-        assert json.loads(files[0].read_text())["plan"] == first.to_dict()       # rewritten
-    key = choose_layouts.plan_key(tm, torch.bfloat16, "h200", 4096)
-    name = choose_layouts.disk_key(key)
+        assert json.loads(files[0].read_text())["value"]["plan"] == first.to_dict()       # rewritten
     choose_layouts.model_hash.cache_clear()
     monkeypatch.setattr(choose_layouts, "model_hash", lambda: "edited")
     assert choose_layouts.disk_key(key) != name
