@@ -28,6 +28,7 @@ import torch
 from torch import fx
 
 from patchc import runtime
+from patchc.packing import packed_nbytes
 from patchc.runtime import counters
 
 from .choose_layouts import cached_json, layout_record, plan_for, plan_key
@@ -52,15 +53,6 @@ class FusedGroup:
     @property
     def n(self) -> int:
         return sum(s.n for s in self.members)
-
-
-def packed_nbytes(tile_mask, dtype) -> int:
-    """Bytes of ``pack(weight, tile_mask)`` (values, metadata, index arrays) without packing."""
-    e = torch.empty((), dtype=dtype).element_size()
-    (tn, tk), (n_n, n_k) = tile_mask.tile, tile_mask.grid
-    s = tile_mask.num_sparse_tiles()
-    d = n_n * n_k - s
-    return 4 * n_n + 8 * (n_n + 1) + 4 * (s + d) + s * tn * (tk // 2) * e + s * tn * -(-tk // 32) * 4 + d * tn * tk * e
 
 
 def _view_problem(node: fx.Node) -> Optional[str]:
@@ -194,7 +186,8 @@ def fuse_siblings(state: CompileState) -> None:
             entry.kernel = cfg.kernel
             if entry.packed is None:
                 entry.row_order = plan.row_order
-                entry.packed_for(weights)                       # packed once, here (like rewrite_linears)
+                if runtime.needs_packing(entry, weights[0]):
+                    entry.packed_for(weights)                   # packed once, here (like rewrite_linears)
             grp = FusedGroup(entry, plan, members, x, predicted=pred)
             _rewrite(state, grp, order)
             layout = layout_record(plan) | {"group": names, "group_id": entry.site_id}

@@ -2,7 +2,10 @@
 
 ``hybrid`` sites become ``patchc::hybrid_linear(x, weight, bias, site_id)``; masked ``dense``
 sites become ``patchc::masked_linear`` (the mask applied on the fly), so every path computes
-with the masked weight.  Sites whose mask keeps everything are left as they are.
+with the masked weight.  Sites whose mask keeps everything are left as they are.  A hybrid
+site's weight is packed here when something will read the packed form (``runtime.needs_packing``:
+the generated kernels, a released entry); the reference path (CPU) needs no pack, and its
+decision reports the bytes the pack would take (``packing.packed_nbytes``, exact).
 """
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import dataclasses
 
 import torch
 
+from patchc import runtime
+from patchc.packing import packed_nbytes
 from patchc.runtime import counters
 
 from .state import CompileState
@@ -23,8 +28,12 @@ def rewrite_linears(state: CompileState) -> None:
             continue
         if d.action == "hybrid":
             op = torch.ops.patchc.hybrid_linear.default
-            packed = s.entry.packed if s.entry.packed is not None else s.entry.packed_for(s.weight)
-            s.decision = dataclasses.replace(d, packed_bytes=packed.nbytes(), site_id=s.entry.site_id)
+            if s.entry.packed is None and not runtime.needs_packing(s.entry, s.weight):
+                nbytes = packed_nbytes(s.tile_mask, s.dtype)       # the reference path runs it: no pack
+            else:
+                packed = s.entry.packed if s.entry.packed is not None else s.entry.packed_for(s.weight)
+                nbytes = packed.nbytes()
+            s.decision = dataclasses.replace(d, packed_bytes=nbytes, site_id=s.entry.site_id)
             counters["sites_rewritten"] += 1
         else:
             op = torch.ops.patchc.masked_linear.default

@@ -327,3 +327,12 @@ def unpack_tile_kind(p: PackedWeight) -> torch.Tensor:
     ns = (p.sparse_off[1:] - p.sparse_off[:-1]).to(torch.int64).cpu()
     kind[p.row_order.long().cpu().repeat_interleave(ns), p.sparse_kidx.long().cpu()] = 1
     return kind
+
+
+def packed_nbytes(tile_mask, dtype) -> int:
+    """Bytes of ``pack(weight, tile_mask)`` (values, metadata, index arrays) without packing."""
+    e = torch.empty((), dtype=dtype).element_size()
+    (tn, tk), (n_n, n_k) = tile_mask.tile, tile_mask.grid
+    s = tile_mask.num_sparse_tiles()
+    d = n_n * n_k - s
+    return 4 * n_n + 8 * (n_n + 1) + 4 * (s + d) + s * tn * (tk // 2) * e + s * tn * -(-tk // 32) * 4 + d * tn * tk * e

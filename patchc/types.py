@@ -122,6 +122,10 @@ class TileMask:
             b = self._bits = pack_bits(self._mask)
         return b
 
+    def held_nbytes(self) -> int:
+        """Bytes this mask holds now: the bool mask once unpacked, plus its bits when kept."""
+        return (0 if self._mask is None else self._mask.numel()) + (0 if self._bits is None else self._bits.numel())
+
     # ---- shape ---------------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, int]:

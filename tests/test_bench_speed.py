@@ -136,7 +136,11 @@ def test_compile_time_measure_and_report(tmp_path, monkeypatch):
     assert SiteEntry.repack is repack                     # the timers are uninstalled
     p = runs[2]
     assert p["decisions"]["hybrid"] == 14 and p["finite"]
-    assert p["split"]["packing"] > 0 and p["split"]["cost model"] > 0 and p["pack_dense_bytes"] > 0
+    assert p["split"]["cost model"] > 0
+    # on CPU the compile packs nothing (the reference path reads the weights); the bench packs after:
+    # 4 fused groups (q/k/v, gate/up x 2 layers) + o_proj, down_proj x 2
+    assert p["split"]["packing"] == 0 and p["pack_dense_bytes"] == 0
+    assert p["pack_all"]["weights"] == 4 + 4 and p["pack_all"]["packed_bytes"] < p["pack_all"]["dense_bytes"]
     assert p["split"]["reference weight"] > 0                # eager inner on CPU: the reference path ran
     assert list((tmp_path / "cache" / "plans").glob("*.json"))   # the next process reads its plans
     assert p["split"]["total"] == pytest.approx(sum(v for k, v in p["split"].items() if k not in ("total", "render")))

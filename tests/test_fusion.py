@@ -62,9 +62,9 @@ def test_qkv_and_gate_up_are_fused(llama_runs):
     c = out[True]["counters"]
     assert c["groups_fused"] == 4 and c["sites_fused"] == 10                 # 2 layers x (q/k/v, gate/up)
     assert c["fused_calls"] == 4 and c["hybrid_calls"] == c["sites_rewritten"] == len(plan) == 14
-    assert c["packs"] == 4 + 4                                               # 4 groups + o_proj, down_proj x 2
-    # unfused: the 10 q/k/v/gate/up entries pack now (o_proj and down_proj were packed by the fused compile)
-    assert "groups_fused" not in out[False]["counters"] and out[False]["counters"]["packs"] == 10
+    # on CPU the reference path runs every entry from the user's weights: nothing is packed
+    assert "packs" not in c and "packs" not in out[False]["counters"]
+    assert "groups_fused" not in out[False]["counters"]
     rows = {d.fqn: d for d in out[True]["report"].decisions}
     assert len(rows) == 15 and sum(d.action == "hybrid" for d in rows.values()) == 14     # a row per linear
     for layer in (0, 1):
@@ -187,3 +187,29 @@ def test_cat_rows_is_torch_cat():
         assert out.dtype == dt and torch.equal(out, torch.cat([a, b]))
     t = torch.randn(4, 3).t()
     assert torch.equal(runtime.cat_rows([t, t]), torch.cat([t, t]))
+
+
+def test_cpu_reference_path_packs_nothing_and_reports_exact_bytes(llama_runs, monkeypatch):
+    """kernel="auto" on CPU: the reference path reads the user's weights, so no entry is packed;
+    explain still reports the packed bytes, exactly what packing would give.  Where something
+    reads the packed form (``needs_packing``: a Triton kernel, a released entry) the compile packs."""
+    from patchc.modules import oriented_weight
+    from patchc.packing import pack
+    model, plan, ids, want, out = llama_runs
+    mods = dict(model.named_modules())
+    rows = {d.fqn: d for d in out[True]["report"].decisions}
+    for name in ("model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj"):
+        assert rows[name].packed_bytes == pack(oriented_weight(mods[name]).detach(), plan[name]).nbytes()
+    e = runtime.SiteEntry(0, torch.zeros(4, 4), plan["model.layers.0.self_attn.o_proj"], False, "x")
+    assert not runtime.needs_packing(e, torch.zeros(1))
+    e.kernel = "triton"
+    assert runtime.needs_packing(e, torch.zeros(1))
+    fresh = tiny_llama(seed=1)
+    plan1 = magnitude_hybrid(fresh, 0.35, TILE)
+    monkeypatch.setattr(runtime, "needs_packing", lambda entry, weight: True)
+    torch._dynamo.reset()
+    patchc.counters.reset()
+    with torch.inference_mode():
+        y = _compile(fresh, plan1, fusion=False)(ids).logits
+    assert patchc.counters["packs"] == len(plan1)
+    assert _rel(y, masked_reference(fresh, plan1)(ids).logits) < 1e-4

@@ -79,7 +79,7 @@ def _entry_params(e) -> list:
 
 def runtime_bytes(model=None) -> dict:
     """Bytes the patchc runtime holds for ``model`` (every model when None): packed weights (single
-    sites and fused groups, each counted once) and the reference path's unpacked copies."""
+    sites and fused groups, each counted once) and the reference path's masked copies (W ⊙ M)."""
     from patchc import runtime
     from patchc.packing import PackedWeight
     ids = None if model is None else {id(p) for p in model.parameters()}
@@ -94,7 +94,7 @@ def runtime_bytes(model=None) -> dict:
         if r is not None:
             refs[r[1].untyped_storage().data_ptr()] = r[1].untyped_storage().nbytes()
         if hasattr(e, "_weights"):                 # a fused group keeps its concatenated mask
-            groups[id(e)] = e.tile_mask.mask.numel()
+            groups[id(e)] = e.tile_mask.held_nbytes()
     return {"packed": sum(packs.values()), "reference_copies": sum(refs.values()), "packed_weights": len(packs),
             "group_mask_bytes": sum(groups.values())}
 
@@ -292,7 +292,7 @@ def render_markdown(r: dict) -> str:
                  ("parameter storage before", lambda x: _mib(x["param_bytes_before"])),
                  ("parameter storage after", lambda x: _mib(x["param_bytes_after"])),
                  ("patchc packed weights", lambda x: _mib(x["packed"])),
-                 ("reference-path unpacked copies", lambda x: _mib(x["reference_copies"])),
+                 ("reference-path masked copies (W ⊙ M)", lambda x: _mib(x["reference_copies"])),
                  ("plan masks held (bool, 1 B / weight)", lambda x: _mib(x.get("plan_mask_bytes", 0))),
                  ("fused groups' concatenated masks", lambda x: _mib(x.get("group_mask_bytes", 0))),
                  ("compile + first forward (s)", lambda x: f"{x['first_call_s']:.1f}"),
@@ -319,13 +319,13 @@ def reading(r: dict) -> list[str]:
         out += ["", "## Reading", "",
                 f"- The string backend ends at {s_[last]:,.0f} MiB vs {e[last]:,.0f} MiB eager: the user's dense "
                 f"weights stay, plus the packed weights ({_mib(by['string']['packed'])} MiB), the CPU reference "
-                f"path's unpacked copies ({_mib(by['string']['reference_copies'])} MiB) and the plan's bool masks "
+                f"path's masked copies ({_mib(by['string']['reference_copies'])} MiB) and the plan's bool masks "
                 f"({_mib(by['string'].get('plan_mask_bytes', 0))} MiB, one byte per planned weight, held by the "
                 f"backend's plan cache, and {_mib(by['string'].get('group_mask_bytes', 0))} MiB more in the fused "
                 "groups' concatenated masks).",
                 f"- release_dense frees {_mib(by['release']['param_bytes_before'] - by['release']['param_bytes_after'])}"
                 f" MiB of parameter storage and ends at {rl[last]:,.0f} MiB: packed weights "
-                f"({_mib(by['release']['packed'])} MiB) + the plan's masks, no unpacked copies "
+                f"({_mib(by['release']['packed'])} MiB) + the plan's masks, no masked copies "
                 f"({_mib(by['release']['reference_copies'])} MiB; a released site unpacks on every call)."]
     return out
 
