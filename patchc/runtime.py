@@ -60,6 +60,23 @@ def holds_masked(w: Tensor, mask: Tensor) -> bool:
     return True
 
 
+def _cached_reference(entry, stamp: tuple, x: Tensor, build, what: str) -> Tensor:
+    """``entry._ref``'s W ⊙ M while the weights' ``stamp`` holds (and on ``x``'s device and dtype),
+    else ``build()`` again -- with a warning and a ``repacks`` count when the weights changed."""
+    def fresh(h):
+        return h is not None and h[0] == stamp and h[1].device == x.device and h[1].dtype == x.dtype
+    hit = entry._ref
+    if not fresh(hit):
+        with entry._lock:
+            hit = entry._ref
+            if hit is not None and isinstance(hit[0], tuple) and hit[0] != stamp:
+                log.warning("patchc: %s of %s changed after compile; rebuilding its masked copy", what, entry.fqn)
+                counters["repacks"] += 1
+            if not fresh(hit):
+                hit = entry._ref = (stamp, build().to(device=x.device, dtype=x.dtype))
+    return hit[1]
+
+
 class SiteEntry:
     """One (weight, mask) pair known to the runtime: its packed form and how to run it."""
 
@@ -128,20 +145,10 @@ class SiteEntry:
         """W ⊙ M (out, in) for the reference path, built from the user's ``weight`` and kept
         until it changes (``_version`` / data pointer: then rebuilt, with a warning).  The
         reference path never reads the packed form, so it needs none (see ``needs_packing``)."""
-        stamp = (weight._version, weight.data_ptr())
-        hit = self._ref
-        if hit is None or hit[0] != stamp or hit[1].device != x.device or hit[1].dtype != x.dtype:
-            with self._lock:
-                hit = self._ref
-                if hit is not None and isinstance(hit[0], tuple) and hit[0] != stamp:
-                    log.warning("patchc: weight of %s changed after compile; rebuilding its masked copy", self.fqn)
-                    counters["repacks"] += 1
-                if hit is None or hit[0] != stamp or hit[1].device != x.device or hit[1].dtype != x.dtype:
-                    with torch.no_grad():
-                        w = self.oriented(torch.where(self.mask_on(weight.device, torch.bool), weight, 0))
-                    hit = (stamp, w.to(device=x.device, dtype=x.dtype))
-                    self._ref = hit
-        return hit[1]
+        def build():
+            with torch.no_grad():
+                return self.oriented(torch.where(self.mask_on(weight.device, torch.bool), weight, 0))
+        return _cached_reference(self, (weight._version, weight.data_ptr()), x, build, "weight")
 
     def masked_user_weight(self) -> Optional[Tensor]:
         """W ⊙ M (out, in) from the user's weight, or None when it is gone (released, freed).
@@ -370,18 +377,7 @@ class GroupEntry:
     def user_reference(self, weights, x: Tensor) -> Tensor:
         """The members' W ⊙ M, row-concatenated, for the reference path (see
         ``SiteEntry.user_reference``); rebuilt with a warning when a member weight changed."""
-        stamp = self._stamp_of(weights)
-        hit = self._ref
-        if hit is None or hit[0] != stamp or hit[1].device != x.device or hit[1].dtype != x.dtype:
-            with self._lock:
-                hit = self._ref
-                if hit is not None and isinstance(hit[0], tuple) and hit[0] != stamp:
-                    log.warning("patchc: a weight of %s changed after compile; rebuilding its masked copy", self.fqn)
-                    counters["repacks"] += 1
-                if hit is None or hit[0] != stamp or hit[1].device != x.device or hit[1].dtype != x.dtype:
-                    hit = (stamp, self._masked(list(weights)).to(device=x.device, dtype=x.dtype))
-                    self._ref = hit
-        return hit[1]
+        return _cached_reference(self, self._stamp_of(weights), x, lambda: self._masked(list(weights)), "a weight")
 
     def masked_user_weight(self) -> Optional[Tensor]:
         """The members' W ⊙ M, row-concatenated (see ``SiteEntry.masked_user_weight``)."""
