@@ -114,6 +114,11 @@ class TileMask:
             m = self._mask = unpack_bits(self._bits, self._shape)
         return m
 
+    def unpacked(self) -> torch.Tensor:
+        """bool [N, K] for a one-off use, not kept: the held mask when there is one, else a fresh
+        unpack of the bits (``mask`` would keep 1 byte per weight for the mask's lifetime)."""
+        return self._mask if self._mask is not None else unpack_bits(self._bits, self._shape)
+
     @property
     def bits(self) -> torch.Tensor:
         """The mask packed 8 per byte (``pack_bits`` order), kept once computed."""

@@ -213,3 +213,22 @@ def test_cpu_reference_path_packs_nothing_and_reports_exact_bytes(llama_runs, mo
         y = _compile(fresh, plan1, fusion=False)(ids).logits
     assert patchc.counters["packs"] == len(plan1)
     assert _rel(y, masked_reference(fresh, plan1)(ids).logits) < 1e-4
+
+
+def test_cpu_reference_path_holds_no_bool_masks(tmp_path):
+    """A plan loaded from a mask file stays packed bits on the CPU reference path: W ⊙ M is built
+    with a mask unpacked for the call and dropped, sites and fused groups alike."""
+    from patchc.plan import MaskPlan
+    torch._dynamo.reset()
+    model = tiny_llama(seed=2)
+    path = magnitude_hybrid(model, 0.35, TILE).save(tmp_path / "m.safetensors")
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+    before = set(runtime._REGISTRY)
+    with torch.inference_mode():
+        y = _compile(model, MaskPlan.load(path), fusion=True)(ids).logits
+    entries = [e for sid, e in runtime._REGISTRY.items() if sid not in before]
+    ran = [e for e in entries if getattr(e, "_ref", None) is not None]     # members run in their group
+    assert any(isinstance(e, runtime.GroupEntry) for e in ran) and any(isinstance(e, runtime.SiteEntry) for e in ran)
+    for e in entries:
+        assert e.tile_mask.held_nbytes() == e.tile_mask.bits.numel(), f"{e.fqn} holds its bool mask"
+    assert _rel(y, masked_reference(model, MaskPlan.load(path))(ids).logits) < 1e-4

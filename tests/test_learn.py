@@ -80,6 +80,42 @@ def test_pattern_logits_have_their_own_learning_rate():
         cfg(lr_24=0.0)
 
 
+def test_pattern_mask_matches_softmax_einsum():
+    """The fused 2:4 relaxation equals softmax + einsum under autograd, forward and backward."""
+    from patchc.learn.masking import PATTERNS, _PatternMask
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 12, 5, generator=gen, dtype=torch.float64).requires_grad_()
+    noise, grad = torch.randn(6, 12, 5, generator=gen, dtype=torch.float64), torch.randn(12, 20, generator=gen,
+                                                                                          dtype=torch.float64)
+    ref = torch.einsum("png,pj->ngj", torch.softmax(noise + 7.0 * logits, 0), PATTERNS.double()).reshape(12, 20)
+    (g_ref,) = torch.autograd.grad(ref, logits, grad)
+    out = _PatternMask.apply(logits, noise.clone(), 7.0)
+    (g_out,) = torch.autograd.grad(out, logits, grad)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(g_out, g_ref)
+    assert torch.autograd.gradcheck(lambda x: _PatternMask.apply(x, noise.clone(), 7.0), (logits,))
+
+
+def test_joint_noise_is_gumbel():
+    """Gumbel-max: near τ → 0 each group picks pattern p with probability softmax(κ·logits)_p."""
+    from patchc.learn.masking import LayerMask, pattern_index
+    lin = torch.nn.Linear(8, 1, bias=False)
+    probs = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05, 0.0])
+    logits = torch.where(probs > 0, probs.log(), torch.tensor(-1e4)).view(6, 1, 1).expand(6, 1, 2)
+    layer = LayerMask("l", lin, (1, 8), "joint", torch.ones(1, 8, dtype=torch.bool),
+                      torch.zeros(1, 1), pattern_logits=logits)
+    layer.w = torch.ones(1, 8)
+    gen = torch.Generator().manual_seed(0)
+    sched = {"tau": 1e-3, "kappa_tile": 1e4, "kappa_24": 1.0}
+    counts = torch.zeros(6)
+    with torch.no_grad():
+        layer.tile_logits.fill_(-1.0)                       # the tile is 2:4
+        for _ in range(2000):
+            layer.sample(sched, gen)
+            counts += torch.bincount(pattern_index(layer.current.round().bool()).flatten(), minlength=6)
+    torch.testing.assert_close(counts / counts.sum(), probs, atol=0.02, rtol=0)
+
+
 @pytest.mark.parametrize("mode,loss,lr", [("tile", "lm", 3e-2), ("joint", "lm", 1e-2), ("tile", "distill", 3e-2)])
 def test_learning_lowers_heldout_loss(mode, loss, lr):
     model = trained_llama()

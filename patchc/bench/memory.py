@@ -131,7 +131,7 @@ def measure_rss(spec: dict) -> dict:
     out.update(runtime_bytes(model))
     if mode != "eager":
         from patchc.backend import _PLAN_CACHE
-        out["plan_mask_bytes"] = sum(tm.mask.numel() for plan in _PLAN_CACHE.values() for tm in plan.values())
+        out["plan_mask_bytes"] = sum(tm.held_nbytes() for plan in _PLAN_CACHE.values() for tm in plan.values())
     try:
         with open("/proc/self/status") as f:
             out["peak_mib"] = next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmHWM:"))
@@ -293,7 +293,7 @@ def render_markdown(r: dict) -> str:
                  ("parameter storage after", lambda x: _mib(x["param_bytes_after"])),
                  ("patchc packed weights", lambda x: _mib(x["packed"])),
                  ("reference-path masked copies (W ⊙ M)", lambda x: _mib(x["reference_copies"])),
-                 ("plan masks held (bool, 1 B / weight)", lambda x: _mib(x.get("plan_mask_bytes", 0))),
+                 ("plan masks held (bits; bool once unpacked)", lambda x: _mib(x.get("plan_mask_bytes", 0))),
                  ("fused groups' concatenated masks", lambda x: _mib(x.get("group_mask_bytes", 0))),
                  ("compile + first forward (s)", lambda x: f"{x['first_call_s']:.1f}"),
                  ("steady forward (s)", lambda x: f"{x['forward_s']:.2f}"))
@@ -319,10 +319,10 @@ def reading(r: dict) -> list[str]:
         out += ["", "## Reading", "",
                 f"- The string backend ends at {s_[last]:,.0f} MiB vs {e[last]:,.0f} MiB eager: the user's dense "
                 f"weights stay, plus the packed weights ({_mib(by['string']['packed'])} MiB), the CPU reference "
-                f"path's masked copies ({_mib(by['string']['reference_copies'])} MiB) and the plan's bool masks "
-                f"({_mib(by['string'].get('plan_mask_bytes', 0))} MiB, one byte per planned weight, held by the "
-                f"backend's plan cache, and {_mib(by['string'].get('group_mask_bytes', 0))} MiB more in the fused "
-                "groups' concatenated masks).",
+                f"path's masked copies ({_mib(by['string']['reference_copies'])} MiB) and the plan's masks "
+                f"({_mib(by['string'].get('plan_mask_bytes', 0))} MiB in the backend's plan cache: the file's bits, "
+                f"1/8 byte per planned weight, plus 1 byte where something unpacked them) and "
+                f"{_mib(by['string'].get('group_mask_bytes', 0))} MiB in the fused groups' concatenated masks.",
                 f"- release_dense frees {_mib(by['release']['param_bytes_before'] - by['release']['param_bytes_after'])}"
                 f" MiB of parameter storage and ends at {rl[last]:,.0f} MiB: packed weights "
                 f"({_mib(by['release']['packed'])} MiB) + the plan's masks, no masked copies "
