@@ -116,6 +116,29 @@ def test_joint_noise_is_gumbel():
     torch.testing.assert_close(counts / counts.sum(), probs, atol=0.02, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["tile", "joint"])
+def test_relaxed_weight_holds_no_subnormals(mode, monkeypatch):
+    """Saturated sigmoids / softmaxes (small τ) give mask values ~1e-40: W ⊙ M must not carry them
+    as subnormal floats (CPU GEMMs on those run ~10-160× slower); without the floor it would."""
+    from patchc.learn import masking
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 64, bias=False)
+    pattern = torch.randn(6, 64, 16) * 5 if mode == "joint" else None
+    layer = masking.LayerMask("l", lin, (4, 4), mode, mask24_from_scores(lin.weight.detach().abs()),
+                              torch.randn(16, 16) * 5, pattern_logits=pattern)
+    sched = {"tau": 0.05, "kappa_tile": 1.0, "kappa_24": 1.0}
+
+    def subnormal():
+        with torch.no_grad():
+            layer.sample(sched, torch.Generator().manual_seed(0))
+        c = layer.current
+        return int(((c != 0) & (c.abs() < torch.finfo(c.dtype).tiny)).sum())
+
+    assert subnormal() == 0
+    monkeypatch.setattr(masking, "_FLOOR", 0.0)
+    assert subnormal() > 0
+
+
 @pytest.mark.parametrize("mode,loss,lr", [("tile", "lm", 3e-2), ("joint", "lm", 1e-2), ("tile", "distill", 3e-2)])
 def test_learning_lowers_heldout_loss(mode, loss, lr):
     model = trained_llama()
