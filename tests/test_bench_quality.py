@@ -90,6 +90,7 @@ def test_targets_are_checked_on_the_rows():
     text = "\n".join(target_lines(rows))
     assert "| PATCH 25 % ≤ 1.15× dense | 1.12× (patch-joint 25%) | met |" in text
     assert "sparsegpt 2:4 / patch-tile 45% = 1.11× | missed |" in text
+    assert "keeps the weights) | wanda 2:4 / patch-tile 45% = 1.78× | missed |" in text
     assert "| patch-tile 25% < oneshot-hybrid 25% | 70.00 vs 80.00 | met |" in text
     assert "| patch-tile 45% < oneshot-hybrid 45% | 90.00 vs 85.00 | missed |" in text
     assert text.rstrip().endswith("| 56.0 < 75.0 < 90.0 < 95.0 < 100.0 < 160.0 < 900.0 | met |")
