@@ -145,10 +145,7 @@ class SiteEntry:
         """W ⊙ M (out, in) for the reference path, built from the user's ``weight`` and kept
         until it changes (``_version`` / data pointer: then rebuilt, with a warning).  The
         reference path never reads the packed form, so it needs none (see ``needs_packing``)."""
-        def build():
-            with torch.no_grad():
-                return self.oriented(torch.where(self.where_mask(weight.device), weight, 0))
-        return _cached_reference(self, (weight._version, weight.data_ptr()), x, build, "weight")
+        return _cached_reference(self, (weight._version, weight.data_ptr()), x, lambda: self._masked(weight), "weight")
 
     def masked_user_weight(self) -> Optional[Tensor]:
         """W ⊙ M (out, in) from the user's weight, or None when it is gone (released, freed).
@@ -156,10 +153,15 @@ class SiteEntry:
         checks that first) and ~2x faster: one ``torch.where`` instead of a scatter from the
         packed form (CPU, 4096x1536 bf16: 27 ms vs 49 ms)."""
         w = None if self.released else self._weight()
-        if w is None:
-            return None
+        return None if w is None else self._masked(w)
+
+    def _masked(self, w: Tensor) -> Tensor:
         with torch.no_grad():
             return self.oriented(torch.where(self.where_mask(w.device), w, 0))
+
+    def reference_for(self, weight, x: Tensor) -> Tensor:
+        """W ⊙ M for the reference path: from the user's weight, unpacked when it was released."""
+        return self.reference_weight(self.packed, x) if self.released else self.user_reference(weight, x)
 
     def dense_weight(self, p: PackedWeight, x: Tensor) -> Tensor:
         """(out, in) masked weight for a dense dispatch: the user's own weight when it already
@@ -199,12 +201,9 @@ class SiteEntry:
     # ---- execution -------------------------------------------------------------------------
     def run_hybrid(self, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         counters["hybrid_calls"] += 1
-        use_ref = self.kernel == "reference" or (self.kernel == "auto" and x.device.type != "cuda")
-        if use_ref or self.runner is None:
+        if runs_reference(self, x.device):
             counters["reference_calls"] += 1
-            if not self.released:
-                return F.linear(x, self.user_reference(weight, x), bias)
-            return F.linear(x, self.reference_weight(self.packed, x), bias)
+            return F.linear(x, self.reference_for(weight, x), bias)
         return self.runner(self, x, self.packed_for(weight), bias)
 
 
@@ -380,6 +379,7 @@ class GroupEntry:
         return self.packed
 
     reference_weight = SiteEntry.reference_weight
+    reference_for = SiteEntry.reference_for
 
     def user_reference(self, weights, x: Tensor) -> Tensor:
         """The members' W ⊙ M, row-concatenated, for the reference path (see
@@ -428,12 +428,9 @@ class GroupEntry:
         bias = self.bias_of(biases, x)
         counters["fused_calls"] += 1
         counters["hybrid_calls"] += self.n_sites
-        use_ref = self.kernel == "reference" or (self.kernel == "auto" and x.device.type != "cuda")
-        if use_ref or self.runner is None:
+        if runs_reference(self, x.device):
             counters["reference_calls"] += self.n_sites
-            if not self.released:
-                return F.linear(x, self.user_reference(weights, x), bias)
-            return F.linear(x, self.reference_weight(self.packed, x), bias)
+            return F.linear(x, self.reference_for(weights, x), bias)
         return self.runner(self, x, self.packed_for(weights), bias)
 
 
@@ -470,13 +467,24 @@ class FusedMember:
         return self.packed
 
 
+def _reference_kernel(entry, device) -> bool:
+    """``entry``'s kernel choice means the reference path on ``device``: ``"reference"``, or ``"auto"`` off CUDA."""
+    return entry.kernel == "reference" or (entry.kernel == "auto" and device.type != "cuda")
+
+
+def runs_reference(entry, device) -> bool:
+    """Whether ``entry`` runs on the reference path (W ⊙ M and ``F.linear``) on ``device``: its
+    kernel choice says so, or no generated kernel is attached."""
+    return _reference_kernel(entry, device) or entry.runner is None
+
+
 def needs_packing(entry, weight: Tensor) -> bool:
     """Whether the compile packs ``entry``'s weight now: only what reads the packed form needs it
     -- the generated kernels (``kernel="triton"``, or ``"auto"`` on a CUDA weight) and a released
     entry.  The reference path (``"auto"`` on CPU, ``"reference"``) multiplies the user's weight
     by the mask instead, so on CPU nothing is packed (0.7 B Llama: 5.3 s of a 12.7 s compile)
     until someone asks for it (``packed_for``: ``release_dense``, a Triton launch)."""
-    return bool(entry.released or entry.kernel == "triton" or (entry.kernel == "auto" and weight.device.type == "cuda"))
+    return bool(entry.released or not _reference_kernel(entry, weight.device))
 
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
