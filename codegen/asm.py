@@ -98,7 +98,9 @@ def compile_file(path: str, arch: int) -> None:
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
 
-    from .cache import atomic_write, load_module
+    from patchc.files import atomic_write
+
+    from .cache import load_module
     mod = load_module(path)
     fn = getattr(mod, mod.KERNEL_NAME)
     target = GPUTarget("cuda", arch, 32)

@@ -15,16 +15,16 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Optional, Union
+
+from patchc.files import atomic_write, cache_root
 
 from .kernels import GeneratedKernel
 from .render import render, signature
 from .spec import KernelSpec, codegen_hash, versions
 
-ENV_VAR = "PATCHC_CACHE_DIR"
 # process-wide statistics: hits (valid on disk), misses (rendered and written), regenerated
 # (an invalid entry was replaced), memo (served from this process's memo without touching disk)
 stats: collections.Counter = collections.Counter()
@@ -32,43 +32,17 @@ _MEMO: dict[tuple[str, str], GeneratedKernel] = {}
 _LOCK = threading.Lock()
 
 
-def default_cache_dir() -> Path:
-    """$PATCHC_CACHE_DIR, else $XDG_CACHE_HOME/patchc/kernels, else ~/.cache/patchc/kernels."""
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "patchc" / "kernels"
-
-
-def resolve_cache_dir(cache_dir: Union[str, os.PathLike, None] = None) -> Path:
-    """The option ``cache_dir`` when given, else ``default_cache_dir()``."""
-    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+def kernel_dir(cache_dir: Union[str, os.PathLike, None] = None) -> Path:
+    """Where generated kernels live: ``<cache root>/kernels`` (``patchc.files.cache_root``)."""
+    return cache_root(cache_dir) / "kernels"
 
 
 def entry_dir(spec: KernelSpec, cache_dir=None) -> Path:
-    return resolve_cache_dir(cache_dir) / spec.name / spec.key()
+    return kernel_dir(cache_dir) / spec.name / spec.key()
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _read_valid(d: Path, key: str) -> Optional[str]:
@@ -96,7 +70,7 @@ def get_kernel(spec: KernelSpec, cache_dir=None) -> GeneratedKernel:
     """The ``GeneratedKernel`` for ``spec``: from this process's memo, the disk cache, or rendered."""
     spec.validate()
     key = spec.key()
-    root = resolve_cache_dir(cache_dir)
+    root = kernel_dir(cache_dir)
     memo_key = (key, str(root))
     with _LOCK:
         gk = _MEMO.get(memo_key)

@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from patchc.dtypes import ELT_BYTES
+
 from .devices import DeviceSpec, dtype_key, get_device
 
-ELT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 META_BYTES = 1 / 8    # 2 bits per kept value, 2 kept per group of 4: 1 bit per weight element
 
 

@@ -5,20 +5,22 @@ option, else ``$PATCHC_DEVICE``, else ``h200`` -- so a CPU-only user plans for a
 inspect the result.  An explicit ``device=`` name always wins.  Calibrated constants (measured
 on a GPU by a calibration run, not here) live in ``<cache dir>/calibration.json`` as
 ``{device name: {field: value}}`` and replace the datasheet values in ``load_device``.
-The cache dir is ``$PATCHC_CACHE_DIR``, else ``$XDG_CACHE_HOME/patchc``, else ``~/.cache/patchc``.
+The cache dir is ``patchc.files.cache_root`` (the ``cache_dir=`` option, ``$PATCHC_CACHE_DIR``, ...).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
+
+from patchc.dtypes import short_name
+from patchc.files import atomic_write, cache_root
 
 DEFAULT_DEVICE = "h200"
 ENV_DEVICE = "PATCHC_DEVICE"
@@ -105,11 +107,7 @@ _NUMERIC = {f.name for f in fields(DeviceSpec) if f.name not in ("name", "title"
 
 def dtype_key(dtype) -> str:
     """'bf16' | 'fp16' | 'fp32' for a torch dtype or a name ('bfloat16', 'half', ...)."""
-    s = str(dtype).replace("torch.", "").lower()
-    key = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}.get(s, s)
-    if key not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"dtype must be bf16, fp16 or fp32, got {dtype!r}")
-    return key
+    return short_name(dtype)
 
 
 def known_devices() -> list[str]:
@@ -126,19 +124,16 @@ def canonical_name(name: str) -> str:
     return key
 
 
-def cache_dir() -> Path:
-    """$PATCHC_CACHE_DIR, else $XDG_CACHE_HOME/patchc, else ~/.cache/patchc."""
-    if os.environ.get("PATCHC_CACHE_DIR"):
-        return Path(os.environ["PATCHC_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "patchc"
+def calibration_path(cache_dir=None) -> Path:
+    """``<cache root>/calibration.json`` (``patchc.files.cache_root``)."""
+    return cache_root(cache_dir) / CALIBRATION_FILE
 
 
 _CAL_MEMO: dict = {}        # path -> ((mtime_ns, size), data): the planner reads it once per compile site
 
 
-def _read_calibration() -> dict:
-    path = cache_dir() / CALIBRATION_FILE
+def _read_calibration(cache_dir=None) -> dict:
+    path = calibration_path(cache_dir)
     try:
         st = path.stat()
         hit = _CAL_MEMO.get(path)
@@ -154,34 +149,29 @@ def _read_calibration() -> dict:
         return {}
 
 
-def save_calibration(name: str, values: dict) -> Path:
+def save_calibration(name: str, values: dict, cache_dir=None) -> Path:
     """Store fitted constants for a device (merged into earlier ones); atomic write. Returns the file."""
     name = canonical_name(name)
     bad = sorted(set(values) - _NUMERIC)
     if bad:
         raise ValueError(f"unknown calibration fields {bad}; valid: {sorted(_NUMERIC)}")
-    data = _read_calibration()
+    data = _read_calibration(cache_dir)
     data.setdefault(name, {}).update({k: float(v) for k, v in values.items()})
-    folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".calibration.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, folder / CALIBRATION_FILE)
-    return folder / CALIBRATION_FILE
+    return atomic_write(calibration_path(cache_dir), json.dumps(data, indent=2, sort_keys=True))
 
 
-def load_device(name: str) -> DeviceSpec:
-    """The datasheet spec of ``name`` with calibrated constants (if any) merged over it."""
+def load_device(name: str, cache_dir=None) -> DeviceSpec:
+    """The datasheet spec of ``name`` with calibrated constants (if any, from the calibration file
+    under ``cache_dir``'s cache root) merged over it."""
     spec = DEVICES[canonical_name(name)]
-    cal = {k: v for k, v in _read_calibration().get(spec.name, {}).items() if k in _NUMERIC}
+    cal = {k: v for k, v in _read_calibration(cache_dir).get(spec.name, {}).items() if k in _NUMERIC}
     if cal:
         ints = {"sm_count", "regs_per_sm", "max_warps_per_sm"}
         spec = replace(spec, **{k: (int(v) if k in ints else float(v)) for k, v in cal.items()})
     return spec
 
 
-def _cuda_device() -> Optional[DeviceSpec]:
+def _cuda_device(cache_dir=None) -> Optional[DeviceSpec]:
     """The current CUDA device as a spec (known name; else the nearest by architecture)."""
     if not torch.cuda.is_available():
         return None
@@ -193,21 +183,22 @@ def _cuda_device() -> Optional[DeviceSpec]:
             props.major, DEFAULT_DEVICE)
         warnings.warn(f"patchc: no specs for {props.name!r}; planning with {name}'s rates "
                       f"and its own SM count / L2 size (calibrate for better plans)")
-    spec = load_device(name)
+    spec = load_device(name, cache_dir)
     l2 = getattr(props, "L2_cache_size", 0)
     return replace(spec, sm_count=props.multi_processor_count, l2_mb=l2 / 2**20 if l2 else spec.l2_mb)
 
 
-def get_device(device: Union[None, str, DeviceSpec, torch.device] = None) -> DeviceSpec:
+def get_device(device: Union[None, str, DeviceSpec, torch.device] = None, cache_dir=None) -> DeviceSpec:
     """The planning device: an explicit name/spec, else the current CUDA device, else
-    ``$PATCHC_DEVICE``, else ``h200``.  ``device="cuda"`` / a CUDA torch.device means the current GPU."""
+    ``$PATCHC_DEVICE``, else ``h200``.  ``device="cuda"`` / a CUDA torch.device means the current GPU.
+    Calibrated constants come from the calibration file under ``cache_dir``'s cache root."""
     if isinstance(device, DeviceSpec):
         return device
     if isinstance(device, torch.device) or device in ("cuda", "auto", "current"):
         device = None   # a torch device (even "cpu") is not a GPU model: plan for the current GPU / default
     if device is None:
-        spec = _cuda_device()
+        spec = _cuda_device(cache_dir)
         if spec is not None:
             return spec
         device = os.environ.get(ENV_DEVICE) or DEFAULT_DEVICE
-    return load_device(device)
+    return load_device(device, cache_dir)

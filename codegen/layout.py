@@ -26,7 +26,9 @@ import torch
 from patchc.packing import balanced_row_order
 from patchc.types import grid_of
 
-from .cost import ELT_BYTES, TABLE_MAX, CostModel, HybridBatch, KernelParams, lower_envelope, occupancy
+from patchc.dtypes import ELT_BYTES
+
+from .cost import TABLE_MAX, CostModel, HybridBatch, KernelParams, lower_envelope, occupancy
 from .devices import dtype_key, get_device
 
 M_MAX = 65536

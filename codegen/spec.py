@@ -18,7 +18,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
-DTYPES = ("fp16", "bf16", "fp32")
+from patchc.dtypes import KERNEL_DTYPES, short_name
+
+DTYPES = KERNEL_DTYPES
 ACTIVATIONS = (None,)            # room for "silu"/"gelu" epilogues later
 # the codegen files whose text changes what ``render`` produces (hashed into every key)
 RENDER_SOURCES = ("spec.py", "render.py")
@@ -34,11 +36,10 @@ def _pow2(x: int) -> bool:
 
 def dtype_name(dtype) -> str:
     """'fp16' | 'bf16' | 'fp32' for a torch dtype or one of those names."""
-    s = str(dtype).replace("torch.", "")
-    name = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}.get(s, s)
-    if name not in DTYPES:
-        raise UnsupportedSpec(f"patchc kernels support fp16, bf16 and fp32, not {dtype}")
-    return name
+    try:
+        return short_name(dtype, DTYPES)
+    except ValueError:
+        raise UnsupportedSpec(f"patchc kernels support fp16, bf16 and fp32, not {dtype}") from None
 
 
 @dataclass(frozen=True)

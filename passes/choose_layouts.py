@@ -77,8 +77,8 @@ def disk_key(key: tuple) -> str:
 
 
 def _disk_path(cache_dir, kind: str, name: str) -> Path:
-    from patchc.codegen.cache import resolve_cache_dir
-    return resolve_cache_dir(cache_dir) / kind / f"{name}.json"
+    from patchc.files import cache_root
+    return cache_root(cache_dir) / kind / f"{name}.json"
 
 
 def disk_get(path: Path, name: str):
@@ -95,9 +95,9 @@ def disk_get(path: Path, name: str):
 
 
 def disk_put(path: Path, name: str, value) -> None:
-    from patchc.codegen.cache import atomic_write
+    from patchc.files import atomic_write
     try:
-        atomic_write(path, json.dumps({"key": name, "value": value}).encode())
+        atomic_write(path, json.dumps({"key": name, "value": value}))
     except OSError as exc:                      # a read-only cache costs time, not correctness
         log.info("patchc: could not write the cost-model cache entry %s (%s)", path, exc)
 

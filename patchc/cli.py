@@ -6,13 +6,7 @@ import json
 import os
 import sys
 
-
-def _tile(s: str) -> tuple[int, int]:
-    try:
-        a, b = (int(v) for v in s.lower().replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"tile must look like 128x128, got {s!r}") from None
-    return a, b
+from .cliutil import fmt_bytes, packed_bytes_table, parse_tile
 
 
 def cmd_demo(args) -> int:
@@ -20,25 +14,6 @@ def cmd_demo(args) -> int:
     run_demo(out_dir=args.out, sparsity=args.sparsity, tile=args.tile, inner=args.inner,
              model_path=args.model, n_eval=args.eval_samples)
     return 0
-
-
-def _fmt_bytes(n: float) -> str:
-    return f"{n / 2**20:.2f} MiB"
-
-
-def packed_bytes_table(plan, itemsize: int) -> tuple[int, int]:
-    """(packed bytes, dense bytes) of the plan's weights for an element size, from the packing
-    format (2:4 tile: tk/2 values + tk/8 bytes of indices per row; index arrays ignored)."""
-    packed = dense = 0
-    for m in plan.values():
-        n, k = m.shape
-        tn, tk = m.tile
-        s = m.num_sparse_tiles()
-        d = m.tile_kind.numel() - s
-        meta = -(-tk // 32) * 4
-        packed += s * tn * (tk // 2 * itemsize + meta) + d * tn * tk * itemsize
-        dense += n * k * itemsize
-    return packed, dense
 
 
 def cmd_inspect(args) -> int:
@@ -59,9 +34,10 @@ def cmd_inspect(args) -> int:
     for r in rows:
         print("  ".join(v.ljust(x) for v, x in zip(r, w)))
     print()
-    for label, size in (("fp16/bf16", 2), ("fp32", 4)):
-        p, d = packed_bytes_table(plan, size)
-        print(f"packed weights ({label}): {_fmt_bytes(p)} vs dense {_fmt_bytes(d)} ({p / max(d, 1):.1%})")
+    import torch
+    for label, dt in (("fp16/bf16", torch.bfloat16), ("fp32", torch.float32)):
+        p, d = packed_bytes_table(plan, dt)
+        print(f"packed weights ({label}): {fmt_bytes(p)} vs dense {fmt_bytes(d)} ({p / max(d, 1):.1%})")
     if args.plot:
         from .plot import plot_tile_maps
         plot_tile_maps(plan, args.plot)
@@ -70,8 +46,8 @@ def cmd_inspect(args) -> int:
 
 
 def _list_kernels(cache_dir) -> int:
-    from .codegen.cache import resolve_cache_dir
-    root = resolve_cache_dir(cache_dir)
+    from .codegen.cache import kernel_dir
+    root = kernel_dir(cache_dir)
     found = sorted(root.glob("*/*/spec.json")) if root.exists() else []
     print(f"{len(found)} generated kernels in {root}")
     for spec in found:
@@ -91,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "compile with torch.compile(backend='patch') under inference_mode, print the explain "
                        "table and the perplexity dense vs sparse on a Shakespeare play.")
     d.add_argument("--sparsity", type=float, default=0.30, help="target global sparsity in [0, 0.5] (default 0.30)")
-    d.add_argument("--tile", type=_tile, default=(128, 128), help="tile size, e.g. 128x128 (default)")
+    d.add_argument("--tile", type=parse_tile, default=(128, 128), help="tile size, e.g. 128x128 (default)")
     d.add_argument("--inner", choices=["inductor", "eager"], default="inductor",
                    help="what runs the rest of the graph (default inductor)")
     d.add_argument("--model", default=None, help="a GGUF file or transformers checkpoint dir (default: bundled SmolLM2-135M)")

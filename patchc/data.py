@@ -158,7 +158,7 @@ def load_model(path: str, dtype=torch.float32, device: Optional[str] = None):
     ``dtype``); ``"smollm2"`` names the bundled SmolLM2-135M.  Returned in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    from .learn.config import parse_dtype
+    from .dtypes import parse_dtype
 
     where, kw = _split_path(path)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=parse_dtype(dtype) or torch.float32, **kw)

@@ -24,6 +24,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .dtypes import SAME_SIZE_INT
 from .types import TileMask, grid_of
 
 
@@ -124,7 +125,7 @@ def pack(weight: torch.Tensor, tile_mask: TileMask, row_order: Optional[torch.Te
     sp_r, sp_c = rows[is_sp], order[is_sp]
     de_r, de_c = rows[~is_sp], order[~is_sp]
 
-    if dev.type == "cpu" and w.element_size() in _INT_VIEW:
+    if dev.type == "cpu" and w.element_size() in SAME_SIZE_INT:
         dense_vals, sparse_vals, word = _pack_values_numpy(w, tile_mask, sp_r, sp_c, de_r, de_c)
     else:
         dense_vals, sparse_vals, word = _pack_values_torch(w, tile_mask, sp_r.to(dev), sp_c.to(dev),
@@ -175,7 +176,6 @@ def _meta_words_numpy(code: np.ndarray, tk: int) -> torch.Tensor:
 
 
 # ---- CPU: numpy ------------------------------------------------------------------------------
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # code (i0 | i1 << 2) of a 4-bit keep pattern (bit j = weight j kept); only the six 2-of-4
 # patterns occur in a 2:4 tile
 _CODE_OF_PATTERN = np.full(16, 4, dtype=np.uint8)
@@ -197,7 +197,7 @@ def _pack_values_numpy(w, tile_mask, sp_r, sp_c, de_r, de_c):
     (tn, tk), (nN, nK) = tile_mask.tile, tile_mask.grid
     kp = nK * tk
     n_words = -(-tk // 32)
-    wn = _padded(w, tile_mask.tile, tile_mask.grid, 0).view(_INT_VIEW[w.element_size()]).numpy()
+    wn = _padded(w, tile_mask.tile, tile_mask.grid, 0).view(SAME_SIZE_INT[w.element_size()]).numpy()
     w4 = wn.reshape(nN, tn, nK, tk)
     dense_vals = torch.from_numpy(w4[de_r.numpy(), :, de_c.numpy(), :]).view(w.dtype)      # [D, tn, tk]
     S = int(sp_r.numel())
@@ -277,7 +277,7 @@ def _unpack_numpy(p: PackedWeight) -> torch.Tensor:
     4096x1536 fp32 weight on a busy 2-core machine)."""
     (tn, tk), (nN, nK) = p.tile, p.grid
     kp = nK * tk
-    it = _INT_VIEW[p.sparse_vals.element_size()]
+    it = SAME_SIZE_INT[p.sparse_vals.element_size()]
     full = np.zeros((nN, tn, nK, tk), dtype=torch.empty((), dtype=it).numpy().dtype)
     rows = p.row_order.numpy().astype(np.int64)
     if p.num_dense:
@@ -304,7 +304,7 @@ def unpack(p: PackedWeight) -> torch.Tensor:
     """The masked dense weight (N, K) back from the packed form (exact)."""
     (tn, tk), (nN, nK) = p.tile, p.grid
     dev = p.device
-    if dev.type == "cpu" and p.sparse_vals.element_size() in _INT_VIEW:
+    if dev.type == "cpu" and p.sparse_vals.element_size() in SAME_SIZE_INT:
         return _unpack_numpy(p)
     tiles = torch.zeros(nN, nK, tn, tk, dtype=p.dtype, device=dev)
     ns = (p.sparse_off[1:] - p.sparse_off[:-1]).to(torch.int64)

@@ -10,6 +10,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from .files import atomic_path
 from .modules import fingerprint, is_linear, oriented_weight, select_linears
 from .types import DENSE, SPARSE24, TileMask, expand_tiles, grid_of, sparse_allowed
 
@@ -89,7 +90,7 @@ class MaskPlan(Mapping):
     def from_npz(cls, path: str | os.PathLike, model: nn.Module, tile=(128, 128)) -> "MaskPlan":
         """A plan from a released ``.npz`` mask file (MaskLLM's ``mask_compressed.npz``, PATCH
         releases): bit-packed masks per weight name; tile kinds inferred as in ``infer_plan``."""
-        from .learn.npz import plan_from_npz
+        from .npz import plan_from_npz
         return plan_from_npz(path, model, tile)
 
     def save(self, path: str | os.PathLike) -> str:
@@ -104,10 +105,8 @@ class MaskPlan(Mapping):
             tensors[f"{name}.mask"] = m.bits.contiguous()
             entries[name] = {"shape": list(m.shape), "tile": list(m.tile)}
         header = {"format": FORMAT, "version": FORMAT_VERSION, "meta": self.meta, "entries": entries}
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        save_file(tensors, tmp, metadata={"patchc": json.dumps(header)})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata={"patchc": json.dumps(header)})
         return path
 
     @classmethod

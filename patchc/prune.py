@@ -121,9 +121,3 @@ def magnitude_hybrid(model: nn.Module, target_sparsity: float, tile=(128, 128),
     return MaskPlan(masks, {"tile": list(tile), "method": "magnitude-hybrid", "target_sparsity": target,
                             "fingerprint": fingerprint(model, mods)})
 
-
-def __getattr__(name):  # re-export: patchc.prune.oneshot lives in patchc.learn.pruners (lazy: no import cycle)
-    if name == "oneshot":
-        from .learn.pruners import oneshot
-        return oneshot
-    raise AttributeError(f"module 'patchc.prune' has no attribute {name!r}")

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .dtypes import NO_SIGN_BITS, SAME_SIZE_INT
 from .packing import PackedWeight, pack, unpack
 from .types import TileMask
 
@@ -37,7 +38,6 @@ class Counters(collections.Counter):
 counters = Counters()
 
 
-_SIGN_OFF = {2: (torch.int16, 0x7FFF), 4: (torch.int32, 0x7FFFFFFF), 8: (torch.int64, 0x7FFFFFFFFFFFFFFF)}
 
 
 def holds_masked(w: Tensor, mask: Tensor) -> bool:
@@ -47,10 +47,10 @@ def holds_masked(w: Tensor, mask: Tensor) -> bool:
     an unmasked weight is settled in its first block: the boolean index ``w[~mask].any()`` this
     replaces took ~130 ms for a 4096x1536 fp32 weight (6x its pack), torch's ``(w != 0) & ~m``
     ~50 ms, this ~6 ms for the whole weight."""
-    if w.device.type != "cpu" or not w.is_floating_point() or w.element_size() not in _SIGN_OFF:
+    if w.device.type != "cpu" or not w.is_floating_point() or w.element_size() not in NO_SIGN_BITS:
         return not bool(((w != 0) & ~mask.to(w.device)).any())
     import numpy as np
-    int_t, bits = _SIGN_OFF[w.element_size()]
+    int_t, bits = SAME_SIZE_INT[w.element_size()], NO_SIGN_BITS[w.element_size()]
     rows = max(1, (1 << 20) // max(1, w.shape[1]))
     for a in range(0, w.shape[0], rows):
         x = w[a:a + rows]
@@ -487,17 +487,14 @@ def needs_packing(entry, weight: Tensor) -> bool:
     return bool(entry.released or not _reference_kernel(entry, weight.device))
 
 
-_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 def cat_rows(ts) -> Tensor:
     """``torch.cat(ts, 0)``; CPU tensors go through numpy, which was 8-80x faster on the 2-core
     VM this was measured on (2 x 786 KB uint8: 13.5 ms vs 0.16 ms; 2 x 4096x1536 bf16: 17 ms vs
     2.2 ms), the difference being how fresh memory is obtained."""
-    if any(t.device.type != "cpu" or t.element_size() not in _SAME_SIZE_INT or t.is_complex() for t in ts):
+    if any(t.device.type != "cpu" or t.element_size() not in SAME_SIZE_INT or t.is_complex() for t in ts):
         return torch.cat(ts, 0)
     import numpy as np
-    it = _SAME_SIZE_INT[ts[0].element_size()]
+    it = SAME_SIZE_INT[ts[0].element_size()]
     if any(t.dtype != ts[0].dtype for t in ts):
         return torch.cat(ts, 0)
     return torch.from_numpy(np.concatenate([t.detach().contiguous().view(it).numpy() for t in ts], 0)).view(ts[0].dtype)

@@ -1,12 +1,18 @@
+import atexit
 import copy
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 from torch import nn
 
-# the test suite never depends on a kernel cache outside its own temp dir
-os.environ.setdefault("PATCHC_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"patchc-test-cache-{os.getuid()}"))
+# every run starts from its own empty cache (kernels, plans, calibration): no stale hits from an
+# earlier run or another checkout, nothing left behind
+_CACHE = tempfile.mkdtemp(prefix="patchc-test-cache-")
+os.environ["PATCHC_CACHE_DIR"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, True)
 
 
 class MLP(nn.Module):

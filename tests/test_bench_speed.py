@@ -8,7 +8,7 @@ import torch
 
 from patchc import packing
 from patchc.cli import main as patchc_main
-from patchc.cli import packed_bytes_table
+from patchc.cliutil import packed_bytes_table
 from patchc.packing import balanced_row_order, pack, unpack
 from patchc.prune import mask24_from_scores
 from patchc.runtime import holds_masked
@@ -26,11 +26,11 @@ def _random_case(g, rng):
 
 def _torch_path(fn, *a):
     """Run ``fn`` with the numpy fast paths off (the torch code that GPUs use)."""
-    saved, packing._INT_VIEW = packing._INT_VIEW, {}
+    saved, packing.SAME_SIZE_INT = packing.SAME_SIZE_INT, {}
     try:
         return fn(*a)
     finally:
-        packing._INT_VIEW = saved
+        packing.SAME_SIZE_INT = saved
 
 
 def test_numpy_pack_and_unpack_match_the_torch_path():
@@ -178,10 +178,8 @@ def test_packed_bytes_table_counts_ragged_tiles_as_packed():
     kind = sparse_allowed((32, 32), (70, 100)).to(torch.uint8)
     tm = TileMask.from_kinds((32, 32), kind, mask24_from_scores(w.abs()))
     p = pack(w, tm)
-    formula, dense = packed_bytes_table({"x": tm}, 4)
-    index = sum(getattr(p, k).numel() * 4 for k in ("row_order", "sparse_off", "dense_off", "sparse_kidx",
-                                                    "dense_kidx"))
-    assert formula + index == p.nbytes() and dense == 70 * 100 * 4
+    formula, dense = packed_bytes_table({"x": tm}, torch.float32)
+    assert formula == p.nbytes() and dense == 70 * 100 * 4
 
 
 def test_memory_rss_release_frees_parameters():

@@ -87,10 +87,17 @@ def test_calibration_overrides_datasheet(tmp_path):
         save_calibration("h200", {"warp_drive": 1})
 
 
-def test_cache_dir_fallbacks(monkeypatch, tmp_path):
+def test_calibration_file_follows_the_cache_root(monkeypatch, tmp_path):
     monkeypatch.delenv("PATCHC_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert devices.cache_dir() == tmp_path / "patchc"
+    assert devices.calibration_path() == tmp_path / "patchc" / "calibration.json"
+    # the cache_dir option moves the calibration file with the kernels and plans
+    opt = tmp_path / "opt"
+    save_calibration("h200", {"bw_eff": 0.5}, cache_dir=opt)
+    assert (opt / "calibration.json").is_file() and not devices.calibration_path().exists()
+    assert load_device("h200", cache_dir=opt).bw_eff == 0.5
+    assert load_device("h200").bw_eff == devices.DEVICES["h200"].bw_eff
+    assert get_device(None, cache_dir=opt).bw_eff == 0.5
 
 
 def test_fp32_uses_tf32_unless_highest():

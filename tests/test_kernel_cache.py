@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from patchc.codegen import cache
-from patchc.codegen.cache import clear_memo, default_cache_dir, get_kernel, resolve_cache_dir
+from patchc.codegen.cache import clear_memo, get_kernel, kernel_dir
+from patchc.files import cache_root
 from patchc.codegen.spec import KernelSpec
 
 SPEC = KernelSpec(n=96, k=80, dtype="fp16", tile=(32, 32), block_m=16, block_n=32, block_k=32, bias=True)
@@ -25,7 +26,7 @@ def fresh():
 
 def test_entry_layout_and_spec_json(tmp_path, fresh):
     gk = get_kernel(SPEC, tmp_path)
-    assert gk.path == tmp_path / SPEC.name / SPEC.key() / "kernel.py"
+    assert gk.path == tmp_path / "kernels" / SPEC.name / SPEC.key() / "kernel.py"
     meta = json.loads((gk.path.parent / "spec.json").read_text())
     assert meta["key"] == gk.key == SPEC.key() and meta["name"] == gk.name
     assert KernelSpec.from_dict(meta["spec"]) == SPEC
@@ -105,7 +106,7 @@ def test_processes_racing_on_an_empty_cache_all_succeed(tmp_path):
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    entries = list(root.glob("*/*/kernel.py"))
+    entries = list(root.glob("kernels/*/*/kernel.py"))
     assert len(entries) == 4
     assert not [p for p in root.rglob("*") if p.name.endswith(".tmp")]      # no temp file left behind
     clear_memo()
@@ -117,13 +118,13 @@ def test_processes_racing_on_an_empty_cache_all_succeed(tmp_path):
 def test_cache_dir_resolution(monkeypatch, tmp_path):
     monkeypatch.delenv("PATCHC_CACHE_DIR", raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    assert default_cache_dir() == Path.home() / ".cache" / "patchc" / "kernels"
+    assert kernel_dir() == Path.home() / ".cache" / "patchc" / "kernels"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert default_cache_dir() == tmp_path / "xdg" / "patchc" / "kernels"
+    assert kernel_dir() == tmp_path / "xdg" / "patchc" / "kernels"
     monkeypatch.setenv("PATCHC_CACHE_DIR", str(tmp_path / "env"))
-    assert resolve_cache_dir() == tmp_path / "env"
-    assert resolve_cache_dir(tmp_path / "opt") == tmp_path / "opt"         # the option wins
-    assert os.fspath(resolve_cache_dir(str(tmp_path / "opt"))) == str(tmp_path / "opt")
+    assert cache_root() == tmp_path / "env" and kernel_dir() == tmp_path / "env" / "kernels"
+    assert kernel_dir(tmp_path / "opt") == tmp_path / "opt" / "kernels"        # the option wins
+    assert os.fspath(cache_root(str(tmp_path / "opt"))) == str(tmp_path / "opt")
 
 
 def test_second_compile_of_a_model_hits_the_cache_and_exposes_the_source(tmp_path, fresh):

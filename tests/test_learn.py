@@ -260,7 +260,7 @@ def test_jsonl_log_and_include(tmp_path):
 
 
 def test_import_does_not_pull_triton_or_dynamo():
-    code = ("import sys, patchc.learn, patchc.learn.trainer, patchc.learn.pruners, patchc.learn.npz, "
+    code = ("import sys, patchc.learn, patchc.learn.trainer, patchc.learn.pruners, patchc.npz, "
             "patchc.learn.cli, patchc.data; "
             "bad = [m for m in ('triton', 'torch._dynamo') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

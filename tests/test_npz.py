@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from patchc.learn.npz import plan_from_npz
+from patchc.npz import plan_from_npz
 from patchc.plan import MaskPlanError
 from patchc.prune import magnitude_hybrid
 from test_learn_helpers import TILE, single_thread, tiny_llama_model  # noqa: F401

@@ -4,7 +4,8 @@ import torch
 
 from patchc.learn.calib import collect_stats, default_linears, materialize
 from patchc.modules import oriented_weight
-from patchc.prune import magnitude_hybrid, oneshot
+from patchc.learn.pruners import oneshot
+from patchc.prune import magnitude_hybrid
 from patchc.learn.pruners import oneshot_hybrid
 from patchc.learn.sparsegpt import sparsegpt_prune
 from test_learn_helpers import TILE, calib_batches, single_thread, trained_llama  # noqa: F401

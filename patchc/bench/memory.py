@@ -4,7 +4,7 @@ Two parts, on the compile-time benchmark's Llama-style model (random weights; ``
 
 1. **bytes** (one process): plans at 25 / 35 / 45 % (``magnitude_hybrid``, per-layer work done
    once for the three targets); for bf16/fp16 and fp32 the bytes of the planned linears dense,
-   packed by the format's formula (``patchc.cli.packed_bytes_table``, what ``patchc inspect``
+   packed by the format's formula (``patchc.cliutil.packed_bytes_table``, what ``patchc inspect``
    prints) and packed for real (``PackedWeight.nbytes()``: values + metadata + index arrays), and
    the whole model (embeddings, norms and the LM head stay dense).
 2. **resident memory** (one fresh process per mode): RSS (``VmRSS``) after building the model,
@@ -177,7 +177,7 @@ def _tile_mask(tile, kind, mask24):
 def measure_bytes(spec: dict) -> dict:
     """(child) Dense vs packed bytes for each target sparsity and dtype; saves the 35 % plan."""
     import torch
-    from patchc.cli import packed_bytes_table
+    from patchc.cliutil import packed_bytes_table
     from patchc.modules import oriented_weight
     from patchc.packing import pack
     model = build_model(spec["model"], spec["dtype"], spec.get("seed", 0))
@@ -192,7 +192,7 @@ def measure_bytes(spec: dict) -> dict:
         planned = sum(m.mask.numel() for m in plan.values())
         for label, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
             isz = torch.empty((), dtype=dt).element_size()
-            formula, dense = packed_bytes_table(plan, isz)
+            formula, dense = packed_bytes_table(plan, dt)
             actual = index = 0
             t = time.perf_counter()
             for name, tm in plan.items():
@@ -205,7 +205,7 @@ def measure_bytes(spec: dict) -> dict:
             rest = (total_params - planned) * isz
             rows.append({"target": target, "sparsity": plan.sparsity(), "dtype": label,
                          "frac_sparse": sum(m.fraction_sparse_tiles() * m.mask.numel() for m in plan.values()) / planned,
-                         "linear_dense": dense, "linear_packed_formula": formula, "linear_packed_actual": actual,
+                         "linear_dense": dense, "linear_packed_formula": formula - index, "linear_packed_actual": actual,
                          "index_bytes": index, "model_dense": total_params * isz,
                          "model_packed": rest + actual, "pack_s": pack_s})
     if spec.get("plan_out"):

@@ -32,6 +32,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from patchc.files import atomic_write
+
 from . import quality_report as report
 
 log = logging.getLogger("patchc")
@@ -233,10 +235,7 @@ def run_benchmark(ctx: Context, rows: Sequence[str], opt: Options, out_dir: str,
         if rec["rel_diff"] is not None and rec["rel_diff"] > REL_TOL:
             rec["status"] = "mismatch"
             say(f"[FAIL] {method}: compiled and eager perplexities differ by {rec['rel_diff']:.2e} > {REL_TOL}")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rec, f, indent=1)
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(rec, indent=1))
         render(out_dir, results_dir, prefix, ctx.data, opt, ctx.model_name, table)
     return render(out_dir, results_dir, prefix, ctx.data, opt, ctx.model_name, table)
 

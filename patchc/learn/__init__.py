@@ -16,7 +16,6 @@ _LAZY = {
     "LearnConfig": "patchc.learn.config",
     "oneshot": "patchc.learn.pruners",
     "oneshot_hybrid": "patchc.learn.pruners",
-    "plan_from_npz": "patchc.learn.npz",
     "masked_forward": "patchc.learn.masking",
 }
 

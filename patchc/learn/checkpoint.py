@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from ..files import atomic_path
 from ..types import pack_bits, unpack_bits
 
 FORMAT = "patchc.learn-checkpoint"
@@ -100,11 +101,9 @@ def save_checkpoint(directory: str, next_step: int, layers, adam: Adam, gen: tor
     header = {"format": FORMAT, "version": VERSION, "next_step": int(next_step), "adam_t": adam.t,
               "config": {k: cfg.to_dict()[k] for k in MUST_MATCH},
               "layers": {layer.name: list(layer.shape) for layer in layers}}
-    os.makedirs(directory, exist_ok=True)
     path = checkpoint_path(directory)
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata={"patchc": json.dumps(header)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"patchc": json.dumps(header)})
     return path
 
 

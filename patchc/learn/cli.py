@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..cli import _tile  # one parser for "128x128" across the CLI
+from ..cliutil import parse_tile
 
 log = logging.getLogger("patchc")
 
@@ -18,7 +18,7 @@ log = logging.getLogger("patchc")
 def _model_args(p: argparse.ArgumentParser, select: bool = True) -> None:
     p.add_argument("--model", required=True, metavar="PATH",
                    help="transformers checkpoint directory, .gguf file, or 'smollm2' for the bundled SmolLM2-135M")
-    p.add_argument("--tile", type=_tile, default=(128, 128), metavar="ROWSxCOLS",
+    p.add_argument("--tile", type=parse_tile, default=(128, 128), metavar="ROWSxCOLS",
                    help="tile shape over the (out, in) weight, e.g. 128x128; COLS must be a multiple of 4 "
                         "(default: 128x128)")
     if select:
@@ -99,7 +99,7 @@ def cmd_prune(args) -> int:
 
 def cmd_import_masks(args) -> int:
     from ..data import load_model
-    from .npz import plan_from_npz
+    from ..npz import plan_from_npz
 
     plan = plan_from_npz(args.npz, load_model(args.model, args.dtype), tile=tuple(args.tile))
     plan.save(args.out)

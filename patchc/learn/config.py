@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..dtypes import parse_dtype
 from ..prune import check_target
 from ..types import _check_tile
 
@@ -14,18 +15,6 @@ PRIORS = ("magnitude", "wanda", "sparsegpt")
 LOSSES = ("lm", "distill")
 # The paper's schedules: tile logit scale kappa for PATCH-Joint / PATCH-Tile.
 DEFAULT_KAPPA_TILE = {"joint": (25.0, 350.0), "tile": (100.0, 500.0)}
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
-
-
-def parse_dtype(dtype) -> Optional[torch.dtype]:
-    """``None``, a ``torch.dtype`` or a name ("bf16", "float32", …) → ``torch.dtype``."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).replace("torch.", "").lower()
-    if key not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[key]
 
 
 def _pair(name: str, value) -> tuple[float, float]:

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..modules import fingerprint, is_linear, is_transposed, oriented_weight
-from ..plan import MaskPlan, MaskPlanError, mask_from_zeros
-from ..types import _check_tile
+from .modules import fingerprint, is_linear, is_transposed, oriented_weight
+from .plan import MaskPlan, MaskPlanError, mask_from_zeros
+from .types import _check_tile
 
 log = logging.getLogger("patchc")
 
