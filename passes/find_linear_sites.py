@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .state import CompileState, LinearSite
+from .state import CompileState, LinearSite, compile_pass
 
 _LINEAR = {torch._C._nn.linear, F.linear, torch.ops.aten.linear.default}
 _ADDMM = {torch.addmm, torch.ops.aten.addmm.default}
@@ -97,6 +97,9 @@ def _site(node: fx.Node, state: CompileState) -> LinearSite | None:
     return None
 
 
+@compile_pass(reads=("gm", "example_inputs"),
+              writes=("sites", "site.node", "site.form", "site.x", "site.weight_node", "site.weight",
+                      "site.bias_node", "site.transposed"))
 def find_linear_sites(state: CompileState) -> None:
     for node in state.gm.graph.nodes:
         if node.op in ("call_function", "call_method"):

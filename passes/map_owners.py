@@ -6,24 +6,9 @@ Order of evidence: the node's ``nn_module_stack`` (so a tied weight maps to the 
 """
 from __future__ import annotations
 
-import re
+from patchc.modules import param_owners
 
-from torch import nn
-
-from .state import CompileState
-
-_ROOT = re.compile(r"^[A-Za-z_]\w*(\[[^\]]*\])*")
-_MOD = re.compile(r"\._modules\[['\"]([^'\"]+)['\"]\]")
-_IDX = re.compile(r"\[(\d+)\]")
-_PARAM = re.compile(r"\._parameters\[['\"]([^'\"]+)['\"]\]$")
-
-
-def normalize_path(path: str) -> str:
-    """``L['self'].model.layers[0]._modules['q_proj']`` → ``model.layers.0.q_proj``."""
-    rest = _ROOT.sub("", path, count=1)
-    rest = _MOD.sub(r".\1", rest)
-    rest = _IDX.sub(r".\1", rest)
-    return rest.lstrip(".")
+from .state import CompileState, compile_pass, normalize_path, source_fqn
 
 
 def _from_stack(node) -> str | None:
@@ -34,33 +19,12 @@ def _from_stack(node) -> str | None:
     return normalize_path(path)
 
 
-def _from_source(weight_node) -> str | None:
-    ga = weight_node.meta.get("grapharg")
-    src = getattr(ga, "source", None)
-    name = src.name if isinstance(getattr(src, "name", None), str) else (src.name() if src is not None else None)
-    if not name:
-        return None
-    name = _PARAM.sub("", name)
-    if "._parameters[" in name:
-        return None
-    return normalize_path(name)
-
-
-def param_owners(model: nn.Module) -> dict[int, list[str]]:
-    """id(parameter) → FQNs of the modules holding it directly (several when tied)."""
-    owners: dict[int, list[str]] = {}
-    for mname, mod in model.named_modules(remove_duplicate=False):
-        for p in mod.parameters(recurse=False):
-            owners.setdefault(id(p), [])
-            if mname not in owners[id(p)]:
-                owners[id(p)].append(mname)
-    return owners
-
-
+@compile_pass(reads=("sites", "model", "site.node", "site.weight_node", "site.weight"),
+              writes=("site.fqn", "site.owner_via"))
 def map_owners(state: CompileState) -> None:
     owners = param_owners(state.model) if state.model is not None else None
     for s in state.sites:
-        stack, source = _from_stack(s.node), _from_source(s.weight_node)
+        stack, source = _from_stack(s.node), source_fqn(s.weight_node)
         if owners is not None:
             cands = owners.get(id(s.weight), [])
             if stack in cands:

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it (imported lazily, PEP 562)
 _LAZY = {
     "TileMask": "patchc.types",
-    "SiteDecision": "patchc.types",
+    "SiteDecision": "patchc.decisions",
     "MaskPlan": "patchc.plan",
     "MaskPlanError": "patchc.plan",
     "infer_plan": "patchc.plan",
@@ -23,12 +23,14 @@ _LAZY = {
     "compile": "patchc.api",
     "explain": "patchc.api",
     "kernels": "patchc.api",
-    "counters": "patchc.runtime",
+    "counters": "patchc.stats",
+    "memory_report": "patchc.api",
+    "reset": "patchc.caches",
     "learn_masks": "patchc.learn",
     "LearnConfig": "patchc.learn",
     "choose_layout": "patchc.codegen.layout",
 }
-_SUBMODULES = {"prune", "learn", "data", "passes", "codegen", "backend", "runtime", "plan", "types"}
+_SUBMODULES = {"prune", "learn", "data", "passes", "codegen", "backend", "runtime", "plan", "types", "ops"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES)
 

@@ -1,30 +1,34 @@
-"""Public entry points: ``patchc.compile``, ``patchc.explain``, ``patchc.kernels``."""
+"""Public entry points: ``patchc.compile``, ``patchc.explain``, ``patchc.kernels``, ``patchc.memory_report``."""
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from .backend import GraphRecord, records, resolve_plan
+from .backend import GraphRecord, records, resolve_plan, session_backend
 from .config import PatchConfig
-from .plan import infer_plan
-from .types import SiteDecision
+from .decisions import SiteDecision
+from .release import release_dense
 
 log = logging.getLogger("patchc")
 
 
 @dataclass(eq=False)
 class CompileSession:
-    """Artifacts of one ``patchc.compile`` call (kept on the returned object as ``_patchc``)."""
+    """What one ``patchc.compile`` call made (kept on the returned object as ``_patchc``)."""
 
     model: nn.Module
     config: PatchConfig
     plan: Any
     records: list[GraphRecord] = field(default_factory=list)
+    dynamic: Optional[bool] = None
+    forward: Any = None                 # the compiled ``model.forward`` that ``generate`` runs
+    lock: Any = field(default_factory=threading.Lock)
 
 
 def compile(model: nn.Module, plan=None, **options):  # noqa: A001 - mirrors torch.compile
@@ -32,60 +36,58 @@ def compile(model: nn.Module, plan=None, **options):  # noqa: A001 - mirrors tor
 
     The plan (a ``MaskPlan`` or a mask file path; ``None`` infers it from the weights) is
     validated against the model up front: a missing FQN or a shape mismatch raises here.
-    ``mode`` is forwarded to inductor; other keywords are ``PatchConfig`` options.
+    ``mode`` and ``dynamic`` are forwarded to torch.compile / inductor; other keywords are
+    ``PatchConfig`` options.  The result calls the compiled forward, and its ``generate(...)``
+    (transformers models) runs the compiled forward too.
     """
-    mode = options.pop("mode", None)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patchc.compile expects an nn.Module, got {type(model).__name__}")
     dynamic = options.pop("dynamic", None)
-    cfg = PatchConfig.from_options({**options, "plan": plan}, mode=mode)
+    cfg = PatchConfig.from_options({**options, "plan": plan}, mode=options.pop("mode", None))
     plan_obj = resolve_plan(cfg)
     if plan_obj is not None:
         plan_obj.validate_against(model)
         cfg = cfg.replace(plan=plan_obj)
     if cfg.release_dense:
+        from .plan import infer_plan
         release_dense(model, plan_obj if plan_obj is not None else infer_plan(model, cfg.tile), cfg)
-    session = CompileSession(model, cfg, plan_obj)
-    backend = functools.partial(_session_backend, cfg=cfg, session=session)
-    compiled = torch.compile(model, backend=backend, dynamic=dynamic)
+    session = CompileSession(model, cfg, plan_obj, dynamic=dynamic)
+    compiled = torch.compile(model, backend=session_backend(session), dynamic=dynamic)
     compiled._patchc = session
+    if callable(getattr(model, "generate", None)):
+        compiled.generate = _Generate(session)
     return compiled
 
 
-def release_dense(model: nn.Module, plan, cfg: PatchConfig) -> int:
-    """Pack every planned weight that has 2:4 tiles and free its dense storage (inference only).
+class _Generate:
+    """``compiled.generate(...)``: the model's own ``generate`` with its ``forward`` swapped for the
+    compiled one while it runs (``torch.compile(model).generate`` would run the original forward:
+    ``generate`` calls the module, not the compiled wrapper)."""
 
-    Tied weights (used by another module, e.g. an embedding) are kept.  Returns the bytes freed.
-    """
-    from patchc.passes.map_owners import param_owners
+    def __init__(self, session: CompileSession):
+        self.session = session
 
-    from . import runtime
-    from .modules import is_transposed
-    owners = param_owners(model)
-    mods = dict(model.named_modules())
-    freed = 0
-    for name, tm in plan.items():
-        mod = mods[name]
-        w = mod.weight
-        if tm.num_sparse_tiles() == 0 or getattr(w, "_patchc_site", None) is not None:
-            continue
-        if len(owners.get(id(w), [])) > 1:
-            log.warning("patchc: release_dense keeps %s: its weight is shared with %s", name, owners[id(w)])
-            continue
-        entry = runtime.register_site(w, tm, is_transposed(mod), name)
-        from patchc.passes.choose_layouts import plan_for
-        entry.row_order = plan_for(tm, w.dtype, cfg.device, cfg.m_max, cfg.cache_dir).row_order
-        if w.requires_grad:
-            w.requires_grad_(False)
-            log.info("patchc: release_dense froze %s (its dense weight is gone)", name)
-        freed += w.numel() * w.element_size()
-        entry.release(w)
-    log.info("patchc: release_dense freed %.1f MiB of dense weights", freed / 2**20)
-    return freed
+    def __call__(self, *args, **kwargs):
+        s = self.session
+        with s.lock:
+            if s.forward is None:
+                s.forward = torch.compile(s.model.forward, backend=session_backend(s), dynamic=s.dynamic)
+            with _forward_swapped(s.model, s.forward):
+                return s.model.generate(*args, **kwargs)
 
 
-def _session_backend(gm, example_inputs, cfg: PatchConfig, session: CompileSession, **_):
-    from .backend import compile_inner, run_pipeline
-    run_pipeline(gm, example_inputs, cfg, model=session.model, session=session)
-    return compile_inner(gm, example_inputs, cfg)
+@contextlib.contextmanager
+def _forward_swapped(model: nn.Module, forward):
+    had = "forward" in model.__dict__
+    old = model.__dict__.get("forward")
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if had:
+            model.forward = old
+        else:
+            del model.forward
 
 
 # ---- explain ---------------------------------------------------------------------------------
@@ -98,26 +100,28 @@ def _root_module(obj) -> Optional[nn.Module]:
     return owner if isinstance(owner, nn.Module) else None
 
 
-def _records_for(obj) -> tuple[list[GraphRecord], Optional[nn.Module]]:
+def _records_for(obj) -> list[GraphRecord]:
     session = getattr(obj, "_patchc", None)
     if session is not None:
-        return list(session.records), session.model
+        return list(session.records)
     model = _root_module(obj)
     if model is None:
         raise TypeError(f"patchc.explain expects a compiled nn.Module or a compiled bound method of one, "
                         f"got {type(obj).__name__}")
     ids = {id(p) for p in model.parameters()}
-    return [r for r in records() if r.param_ids() & ids], model
+    return [r for r in records() if r.param_ids() & ids]
 
 
 @dataclass
 class ExplainReport:
-    """``decisions``: one ``SiteDecision`` per linear site; ``str()`` is a readable table."""
+    """``decisions``: one ``SiteDecision`` per linear site; ``seconds``: per pass, summed over the
+    graphs; ``str()`` is a readable table."""
 
     decisions: list[SiteDecision]
     unmatched_plan_entries: list[str]
     graphs: int
-    compiled: bool
+    seconds: dict = field(default_factory=dict)
+    compiled: bool = True
     message: str = ""
 
     def counts(self) -> dict[str, int]:
@@ -140,62 +144,78 @@ class ExplainReport:
         rows = [("site", "N", "K", "dtype", "action", "2:4 tiles", "sparsity", "packed/dense", "kernel", "reason")]
         for d in self.decisions:
             ratio = f"{d.packed_bytes / d.dense_bytes:.3f}" if d.action == "hybrid" and d.dense_bytes else "-"
-            disp = ""
-            if d.layout and d.layout.get("summary"):       # the cost model's M dispatch, e.g. "M<=64 hybrid bm16; else dense"
-                disp = " [" + d.layout["summary"] + "]"
-            rows.append((d.fqn or "<root>", str(d.n), str(d.k), d.dtype, d.action, f"{d.frac_sparse:.2f}", f"{d.sparsity:.3f}",
-                         ratio, d.kernel or "-", d.reason + disp))
+            disp = f" [{d.layout['summary']}]" if d.layout and d.layout.get("summary") else ""
+            rows.append((d.fqn or "<root>", str(d.n), str(d.k), d.dtype, d.action, f"{d.frac_sparse:.2f}",
+                         f"{d.sparsity:.3f}", ratio, d.kernel or "-", d.reason + disp))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-        lines = [head, ""]
-        for r in rows:
-            lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
+        lines = [head, ""] + ["  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1] for r in rows]
         if self.unmatched_plan_entries:
-            lines.append("")
-            lines.append(f"plan entries that matched no site ({len(self.unmatched_plan_entries)}): "
-                         + ", ".join(self.unmatched_plan_entries))
+            lines += ["", f"plan entries that matched no site ({len(self.unmatched_plan_entries)}): "
+                      + ", ".join(self.unmatched_plan_entries)]
         return "\n".join(lines)
 
 
-def _was_compiled(obj, model) -> bool:
-    code = None
-    fwd = getattr(model, "forward", None) if model is not None else None
-    code = getattr(getattr(fwd, "__func__", fwd), "__code__", None)
-    if code is None:
-        return False
-    try:
-        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
-        return bool(_debug_get_cache_entry_list(code))
-    except Exception:  # noqa: BLE001 - private API; absent means "unknown"
-        return False
+NOT_COMPILED = ("patchc: nothing compiled yet: torch.compile is lazy, call the compiled model once "
+                "(e.g. under torch.inference_mode()) and then explain it")
 
 
 def explain(compiled) -> ExplainReport:
-    """What the compiler did to each linear of ``compiled`` (a compiled module or bound method)."""
-    recs, model = _records_for(compiled)
+    """What the compiler did to each linear of ``compiled`` (a compiled module or bound method);
+    before the first call (torch.compile is lazy) a report that says so."""
+    recs = _records_for(compiled)
     if not recs:
-        if _was_compiled(compiled, model):
-            return ExplainReport([], [], 0, True, "")
-        return ExplainReport([], [], 0, False,
-                             "patchc: nothing compiled yet: torch.compile is lazy, call the compiled model once "
-                             "(e.g. under torch.inference_mode()) and then explain it")
+        return ExplainReport([], [], 0, compiled=False, message=NOT_COMPILED)
     latest: dict[tuple, SiteDecision] = {}
+    seconds: dict[str, float] = {}
     for r in recs:                      # a recompile (new shapes) re-decides the same sites
         for d in r.decisions:
             latest[(d.fqn, d.node)] = d
+        for k, v in r.seconds.items():
+            seconds[k] = seconds.get(k, 0.0) + v
     plan_keys = set().union(*(set(r.plan_keys) for r in recs))
     unmatched = sorted(plan_keys - {fqn for fqn, _ in latest})
-    return ExplainReport(list(latest.values()), unmatched, len(recs), True)
+    return ExplainReport(list(latest.values()), unmatched, len(recs), seconds)
 
 
 def kernels(compiled) -> list:
     """The generated kernels (``GeneratedKernel``) of the compiled model's hybrid sites."""
-    recs, _ = _records_for(compiled)
     out, seen = [], set()
-    for r in recs:
-        for s in r.sites:
-            for k in getattr(s.entry, "kernels", None) or []:
-                key = getattr(k, "path", None) or id(k)
-                if key not in seen:
-                    seen.add(key)
-                    out.append(k)
+    for r in _records_for(compiled):
+        for k in r.kernels():
+            key = getattr(k, "path", None) or id(k)
+            if key not in seen:
+                seen.add(key)
+                out.append(k)
     return out
+
+
+def memory_report(compiled=None) -> dict:
+    """What patchc holds now, in bytes.
+
+    ``entries``: per runtime entry (of ``compiled`` -- a compiled model, bound method or the model
+    itself -- or every live one) its packed form, its masked dense copy (W ⊙ M for the reference
+    and dense paths; 0 when the weights already hold it), the masks it holds and the dense bytes of
+    its weights; ``total`` sums them.  ``mask_files``: bytes of the masks of the mask files cached
+    by path; ``caches``: entries per process-wide cache (``patchc.reset()`` clears them)."""
+    from . import runtime
+    from .backend import cached_plan_masks
+    from .caches import all_caches
+    entries = runtime.live_entries() if compiled is None else \
+        list({id(e): e for r in _records_for(compiled) for e in r.entries}.values())
+    rows = []
+    for e in entries:
+        dense = e._dense[3] if e._dense is not None else None
+        rows.append({"site_id": e.site_id, "fqn": e.fqn, "released": e.released,
+                     "packed_bytes": e.packed.nbytes() if e.packed is not None else 0,
+                     "dense_bytes": sum(m.n * m.tile_mask.shape[1] for m in e.members) * _elt(e),
+                     "masked_copy_bytes": dense.numel() * dense.element_size() if dense is not None else 0,
+                     "mask_bytes": e.tile_mask.held_nbytes() if e.n_sites > 1 else 0})
+    total = {k: sum(r[k] for r in rows) for k in ("packed_bytes", "dense_bytes", "masked_copy_bytes", "mask_bytes")}
+    return {"entries": rows, "total": total,
+            "mask_files": sum(tm.held_nbytes() for tm in cached_plan_masks()),
+            "caches": {n: len(c) for n, c in all_caches().items()}}
+
+
+def _elt(entry) -> int:
+    dt = entry.dtype
+    return torch.empty((), dtype=dt).element_size() if dt is not None else 0

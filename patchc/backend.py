@@ -1,7 +1,10 @@
 """The ``patch`` torch.compile backend (registered through the ``torch_dynamo_backends`` entry point).
 
 Thin: parse the options, find the plan, run the pass pipeline, hand the rest to inductor or eager.
-Every invocation leaves a ``GraphRecord`` that ``patchc.explain`` reads.
+Every invocation leaves a ``GraphRecord`` (what ``patchc.explain`` reads) owned by the compiled
+graph it describes: the callable handed back to dynamo holds it, so deleting the compiled model
+(or ``torch._dynamo.reset()``) frees the record, its runtime entries and their packed weights.
+This module keeps records only by weak reference.
 """
 from __future__ import annotations
 
@@ -16,8 +19,9 @@ from typing import Any, Optional
 
 import torch
 
+from .caches import BoundedCache
 from .config import PatchConfig
-from .types import SiteDecision
+from .stats import counters
 
 log = logging.getLogger("patchc")
 _GRAPH_IDS = itertools.count()
@@ -25,24 +29,28 @@ _GRAPH_IDS = itertools.count()
 
 @dataclass(eq=False)
 class GraphRecord:
-    """What one backend invocation did (one FX graph)."""
+    """What one backend invocation did (one FX graph): its decisions, the runtime entries its
+    rewritten graph calls (owned here), and the seconds each pass took."""
 
     graph_id: int
-    decisions: list[SiteDecision]
+    decisions: list                      # SiteDecision, one per linear site
     plan_keys: tuple[str, ...]           # FQNs of the plan (empty when inferred)
     params: list                         # weakrefs to the parameters the graph reads
-    sites: list = field(default_factory=list, repr=False)    # LinearSite objects (kernels, layouts)
-    seconds: dict = field(default_factory=dict)
+    entries: list = field(default_factory=list, repr=False)     # runtime.Entry
+    seconds: dict = field(default_factory=dict)                 # pass name -> seconds
     config: Optional[PatchConfig] = None
 
     def param_ids(self) -> set[int]:
         return {id(p) for p in (r() for r in self.params) if p is not None}
 
+    def kernels(self) -> list:
+        """The generated kernels of the graph's entries."""
+        return [k for e in self.entries for k in e.kernels]
 
-_RECORDS: list[GraphRecord] = []
+
+_RECORDS: dict[int, weakref.ref] = {}          # graph id -> record, weakly, in compile order
 _RECORDS_LOCK = threading.Lock()
-
-_PLAN_CACHE: dict[tuple, Any] = {}
+_PLAN_FILES = BoundedCache("mask files", 16)   # (path, size, mtime) -> MaskPlan
 
 
 def load_plan(path: str):
@@ -50,9 +58,15 @@ def load_plan(path: str):
     from .plan import MaskPlan
     st = os.stat(path) if os.path.exists(path) else None
     key = (os.path.abspath(path), st.st_size if st else None, st.st_mtime_ns if st else None)
-    if key not in _PLAN_CACHE:
-        _PLAN_CACHE[key] = MaskPlan.load(path)
-    return _PLAN_CACHE[key]
+    def read():
+        with counters.timed("load_seconds"):
+            return MaskPlan.load(path)
+    return _PLAN_FILES.get_or_compute(key, read)
+
+
+def cached_plan_masks() -> list:
+    """The TileMasks of the mask files cached by ``load_plan``."""
+    return [tm for plan in _PLAN_FILES.values() for tm in plan.values()]
 
 
 def resolve_plan(cfg: PatchConfig):
@@ -64,14 +78,13 @@ def resolve_plan(cfg: PatchConfig):
 def _dump(cfg: PatchConfig, graph_id: int, idx: int, name: str, gm) -> None:
     if not cfg.dump_dir:
         return
-    os.makedirs(cfg.dump_dir, exist_ok=True)
-    path = os.path.join(cfg.dump_dir, f"graph{graph_id:03d}_{idx:02d}_{name}.py")
-    with open(path, "w") as f:
-        f.write(gm.print_readable(print_output=False))
+    from .files import atomic_write
+    atomic_write(os.path.join(cfg.dump_dir, f"graph{graph_id:03d}_{idx:02d}_{name}.py"),
+                 gm.print_readable(print_output=False))
 
 
-def run_pipeline(gm, example_inputs, cfg: PatchConfig, model=None, session=None):
-    """Run the passes on ``gm`` in place; return the ``GraphRecord``."""
+def run_pipeline(gm, example_inputs, cfg: PatchConfig, model=None) -> GraphRecord:
+    """Run the passes on ``gm`` in place; return the ``GraphRecord`` (registered weakly)."""
     from patchc.passes import PIPELINE
     from patchc.passes.state import CompileState
 
@@ -85,37 +98,60 @@ def run_pipeline(gm, example_inputs, cfg: PatchConfig, model=None, session=None)
         _dump(cfg, state.graph_id, i, p.__name__, gm)
     params = [weakref.ref(v) for v in example_inputs if isinstance(v, torch.nn.Parameter)]
     rec = GraphRecord(state.graph_id, [s.decision for s in state.sites], tuple(state.plan or ()), params,
-                      state.sites, seconds, cfg)
+                      state.entries(), seconds, cfg)
     with _RECORDS_LOCK:
-        _RECORDS.append(rec)
-    if session is not None:
-        session.records.append(rec)
+        _RECORDS[rec.graph_id] = weakref.ref(rec, lambda _r, gid=rec.graph_id: _RECORDS.pop(gid, None))
     n_h = sum(d.action == "hybrid" for d in rec.decisions)
     log.info("patchc: graph %d: %d linear sites, %d hybrid (%.3f s in passes)",
              rec.graph_id, len(rec.decisions), n_h, sum(seconds.values()))
     return rec
 
 
-def compile_inner(gm, example_inputs, cfg: PatchConfig):
+def compile_inner(gm, example_inputs, cfg: PatchConfig, record: GraphRecord):
+    """The rest of the graph through inductor (or eager); the callable returned holds ``record``."""
     if cfg.inner == "eager":
-        return gm.forward
-    from torch._inductor.compile_fx import compile_fx
-    patches = {}
-    if cfg.mode is not None and cfg.mode != "default":
-        patches = torch._inductor.list_mode_options(cfg.mode)
-    return compile_fx(gm, example_inputs, config_patches=patches)
+        fn = gm.forward
+    else:
+        from torch._inductor.compile_fx import compile_fx
+        patches = {}
+        if cfg.mode is not None and cfg.mode != "default":
+            patches = torch._inductor.list_mode_options(cfg.mode)
+        fn = compile_fx(gm, example_inputs, config_patches=patches)
+    return _owning(fn, record)
 
 
-def patch_backend(gm, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None,
-                  _model=None, _session=None, **kwargs):
+def _owning(fn, record: GraphRecord):
+    """A callable that runs ``fn`` and holds ``record`` (dynamo keeps what a backend returns for as
+    long as the compiled graph lives; the function inductor returns may be unwrapped and dropped)."""
+    def run(*args):
+        return fn(*args)
+    run._patchc_record = record
+    return run
+
+
+def patch_backend(gm, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None, **kwargs):
     """The torch.compile backend ``"patch"``. ``options`` are parsed into ``PatchConfig``."""
     if kwargs:
         raise ValueError(f"patch backend got unexpected keyword argument(s) {sorted(kwargs)}")
     cfg = PatchConfig.from_options(options, mode=mode)
-    run_pipeline(gm, example_inputs, cfg, model=_model, session=_session)
-    return compile_inner(gm, example_inputs, cfg)
+    if cfg.release_dense:
+        raise ValueError("patchc: release_dense frees the model's dense weights, which a torch.compile backend "
+                         "must not do behind the model's back; use patchc.compile(model, plan, release_dense=True)")
+    return compile_inner(gm, example_inputs, cfg, run_pipeline(gm, example_inputs, cfg))
 
 
 def records() -> list[GraphRecord]:
+    """The records of every compiled graph alive in this process, in compile order."""
     with _RECORDS_LOCK:
-        return list(_RECORDS)
+        refs = list(_RECORDS.values())
+    return [r for r in (ref() for ref in refs) if r is not None]
+
+
+def session_backend(session: Any):
+    """The backend of one ``patchc.compile`` call: the pipeline with the model known (owner lookup
+    by identity), the session's config, every record also kept by the session."""
+    def backend(gm, example_inputs, **_):
+        rec = run_pipeline(gm, example_inputs, session.config, model=session.model)
+        session.records.append(rec)
+        return compile_inner(gm, example_inputs, session.config, rec)
+    return backend

@@ -86,9 +86,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .learn import cli as learn_cli
     learn_cli.register(sub)
-    from .bench import cli as bench_cli
-    bench_cli.register(sub)
+    from . import calibrate
+    calibrate.register(sub)
+    _register_bench(sub)
     return p
+
+
+def _register_bench(sub) -> None:
+    """``patchc bench``: the benchmarks live in the source checkout's ``bench/`` (not in the wheel)."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    if (root / "bench" / "cli.py").is_file():
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+        import bench.cli
+        bench.cli.register(sub)
+        return
+    b = sub.add_parser("bench", help="benchmarks (from a source checkout of patchc)")
+    b.set_defaults(func=lambda args: (print("patchc bench: the benchmarks live in the bench/ folder of a source "
+                                            "checkout of patchc (pip install -e .); this install has none",
+                                            file=sys.stderr), 2)[1])
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
 _CHOICES = {
@@ -20,7 +20,9 @@ class PatchConfig:
     plan        a ``MaskPlan`` or a path to a mask file; ``None``: infer each tile from the weights
     tile        tile size (tn, tk) used when the plan is inferred from the weights
     inner       what runs the rest of the graph: "inductor" (default) or "eager"
-    fallback    a site that cannot be rewritten: "dense" (masked dense linear) or "error" (raise)
+    fallback    a site that cannot be rewritten: "dense" (masked dense linear, the default) or "error"
+                (raise).  A plan that does not fit the model is an error unless "dense" is given
+                explicitly (then a warning, and the layers that do not fit stay dense)
     kernel      "auto" (Triton on CUDA, reference on CPU), "triton" (everywhere; on CPU needs
                 TRITON_INTERPRET=1), "reference"
     cache_dir   where generated kernels and the cost model's plans (``plans/``, ``fusion/``) are
@@ -31,12 +33,14 @@ class PatchConfig:
     fusion      fuse sibling linears that read the same input into one kernel
     m_max       largest number of rows (tokens) the dispatch thresholds are planned for
     release_dense  free the dense weights of rewritten sites (``patchc.compile`` only)
+    mode        torch.compile mode for inductor ("default", "reduce-overhead", "max-autotune", ...):
+                torch.compile does not take ``mode=`` together with ``options=``, so pass it here
     """
 
     plan: Any = None
     tile: tuple[int, int] = (128, 128)
     inner: str = "inductor"
-    fallback: str = "dense"
+    fallback: Optional[str] = None     # None: "dense" for sites, an error for a plan that does not fit
     kernel: str = "auto"
     cache_dir: Optional[str] = None
     dump_dir: Optional[str] = None
@@ -44,11 +48,11 @@ class PatchConfig:
     fusion: bool = True
     m_max: int = 65536
     release_dense: bool = False
-    mode: Optional[str] = field(default=None, repr=False)   # torch.compile mode, forwarded to inductor
+    mode: Optional[str] = None
 
     @classmethod
     def valid_keys(cls) -> list[str]:
-        return sorted(f.name for f in fields(cls) if f.name != "mode")
+        return sorted(f.name for f in fields(cls))
 
     @classmethod
     def from_options(cls, options: Optional[Mapping[str, Any]] = None, mode: Optional[str] = None) -> "PatchConfig":
@@ -83,7 +87,13 @@ class PatchConfig:
         for key in ("fusion", "release_dense"):
             if key in opts and not isinstance(opts[key], bool):
                 raise ValueError(f"option {key}={opts[key]!r} must be True or False")
-        return cls(**opts, mode=mode)
+        if mode is not None:
+            if opts.get("mode") not in (None, mode):
+                raise ValueError(f"mode={mode!r} and options['mode']={opts['mode']!r} disagree")
+            opts["mode"] = mode
+        if opts.get("mode") is not None and not isinstance(opts["mode"], str):
+            raise ValueError(f"option mode={opts['mode']!r} must be a torch.compile mode name")
+        return cls(**opts)
 
     def replace(self, **kw) -> "PatchConfig":
         return dataclasses.replace(self, **kw)

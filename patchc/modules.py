@@ -59,3 +59,14 @@ def fingerprint(model: nn.Module, names: Iterable[str]) -> dict[str, list[int]]:
     """Names and (out, in) shapes of the given linears: what a plan was made for."""
     mods = dict(model.named_modules())
     return {n: list(oriented_weight(mods[n]).shape) for n in names}
+
+
+def param_owners(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) → FQNs of the modules holding it directly (several when tied)."""
+    owners: dict[int, list[str]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), [])
+            if mname not in owners[id(p)]:
+                owners[id(p)].append(mname)
+    return owners

@@ -1,4 +1,4 @@
-"""Core data types: ``TileMask`` (one weight's tile decision) and ``SiteDecision``.
+"""Core data types: ``TileMask`` (one weight's tile decision).
 
 A weight W of shape (N, K) = (out, in) is cut into tiles of ``tile = (tn, tk)``.
 ``tile_kind[i, j]`` is 0 for a dense tile (every weight kept) and 1 for a 2:4 tile (exactly
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -189,12 +188,7 @@ class TileMask:
             self.adopt_bits(self._bits)
             fp = self._cache.get("fp")
         if fp is None:
-            h = hashlib.sha1()
-            h.update(repr((self.tile, self.shape)).encode())
-            h.update(self.tile_kind.numpy().tobytes())
-            h.update(self.bits.numpy().tobytes())
-            fp = h.hexdigest()[:16]
-            self._cache["fp"] = fp
+            fp = self._cache["fp"] = mask_fingerprint(self.tile, self.shape, self.tile_kind, self.bits.numpy())
         return fp
 
     # ---- validation ----------------------------------------------------------------------
@@ -251,19 +245,13 @@ class TileMask:
         file stores them): fingerprint, pruned count and -- when K and tk are multiples of 8, so
         every byte lies in one tile -- validity, all on 1/8 of the bytes of the bool mask (loading
         a 0.6 B-weight plan spent ~1.5 s of its ~3.5 s on these from the bool mask)."""
-        import hashlib
-
         import numpy as np
         (n, k), (tn, tk) = self.shape, self.tile
         b = bits.detach().cpu().numpy().astype(np.uint8, copy=False)[: (n * k + 7) // 8]
         if (n * k) % 8:                                       # clear the padding bits of the last byte
             b = b.copy()
             b[-1] &= np.uint8((0xFF << (8 - (n * k) % 8)) & 0xFF)
-        h = hashlib.sha1()
-        h.update(repr((self.tile, self.shape)).encode())
-        h.update(self.tile_kind.numpy().tobytes())
-        h.update(b.tobytes())
-        self._cache["fp"] = h.hexdigest()[:16]
+        self._cache["fp"] = mask_fingerprint(self.tile, self.shape, self.tile_kind, b)
         # per-nibble popcounts: after these two steps each nibble of c holds its own bit count
         c = b - ((b >> 1) & np.uint8(0x55))
         c = (c & np.uint8(0x33)) + ((c >> 2) & np.uint8(0x33))
@@ -317,6 +305,16 @@ class TileMask:
         raise ValueError(f"{name}: invalid tile mask")          # the fast check and this one disagree
 
 
+def mask_fingerprint(tile, shape, tile_kind: torch.Tensor, bits) -> str:
+    """The fingerprint of a mask: sha1 of (tile, shape), the tile map and the mask's bits
+    (``pack_bits`` order, padding bits zero), 16 hex digits.  Identifies a (weight, mask) packing."""
+    h = hashlib.sha1()
+    h.update(repr((tuple(tile), tuple(shape))).encode())
+    h.update(tile_kind.numpy().tobytes())
+    h.update(bits.tobytes())
+    return h.hexdigest()[:16]
+
+
 # ---- bit packing (used by mask files and the fingerprint) ------------------------------------
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """bool tensor → uint8 [ceil(numel/8)], MSB first (numpy.packbits order)."""
@@ -331,29 +329,3 @@ def unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
         raise ValueError(f"{bits.numel()} packed bytes cannot hold a {tuple(shape)} mask")
     out = np.unpackbits(bits.cpu().numpy().astype(np.uint8, copy=False), count=numel)
     return torch.from_numpy(out.view(bool)).view(*shape)      # 0/1 bytes: a view, not a copy
-
-
-# ---- compile decisions -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SiteDecision:
-    """What the compiler did with one linear site (one row of ``patchc.explain``)."""
-
-    fqn: str
-    n: int
-    k: int
-    dtype: str
-    action: str                     # "hybrid" | "dense" | "skipped"
-    reason: str
-    frac_sparse: float = 0.0        # fraction of the weight in 2:4 tiles
-    sparsity: float = 0.0           # pruned fraction of the weight
-    packed_bytes: int = 0
-    dense_bytes: int = 0
-    kernel: Optional[str] = None
-    site_id: Optional[int] = None
-    form: str = ""                  # how the linear appeared in the graph
-    node: str = ""                  # the graph node it replaced (tells apart sites of one module)
-    layout: Optional[dict] = None   # cost-model summary (strategy per M range, thresholds)
-
-    def to_dict(self) -> dict:
-        from dataclasses import asdict
-        return asdict(self)

@@ -2,6 +2,7 @@ import atexit
 import copy
 import os
 import shutil
+import sys
 import tempfile
 
 import pytest
@@ -11,6 +12,10 @@ from torch import nn
 # every run starts from its own empty cache (kernels, plans, calibration): no stale hits from an
 # earlier run or another checkout, nothing left behind
 _CACHE = tempfile.mkdtemp(prefix="patchc-test-cache-")
+# the benchmarks (bench/, outside the wheel) import as the package ``bench`` from the checkout
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 os.environ["PATCHC_CACHE_DIR"] = _CACHE
 atexit.register(shutil.rmtree, _CACHE, True)
 

@@ -88,7 +88,7 @@ def test_mlp_matches_masked_reference(bias, shape, dtype):
     y = _run(compiled, x)
     ref = masked_reference(model, plan)
     _check(y, ref(x.double()), dtype)
-    assert patchc.counters["sites_rewritten"] == 2 and patchc.counters["hybrid_calls"] == 2
+    assert patchc.counters["sites_rewritten"] == 2 and patchc.counters["linear_calls"] == 2
     rep = patchc.explain(compiled)
     assert [d.action for d in rep.decisions] == ["hybrid", "hybrid"]
     assert {d.fqn for d in rep.decisions} == {"fc1", "fc2"}
@@ -131,10 +131,10 @@ def test_grad_through_input_with_frozen_weights():
     model = MLP().eval().requires_grad_(False)
     plan = magnitude_hybrid(model, 0.4, TILE)
     compiled = _compile(model, plan)
-    before = patchc.counters["hybrid_calls"]
+    before = patchc.counters["linear_calls"]
     x = torch.randn(4, 64, requires_grad=True)
     compiled(x).square().sum().backward()
-    assert patchc.counters["hybrid_calls"] == before + 2
+    assert patchc.counters["linear_calls"] == before + 2
     ref = masked_reference(model, plan)
     xr = x.detach().double().requires_grad_()
     ref(xr).square().sum().backward()
@@ -166,10 +166,10 @@ def test_generate_through_compiled_forward():
     with torch.inference_mode():
         want = ref.generate(prompt, max_new_tokens=6, do_sample=False)
     model.forward = torch.compile(model.forward, backend="patch", options={"plan": plan, "inner": "eager"})
-    before = patchc.counters["hybrid_calls"]
+    before = patchc.counters["linear_calls"]
     with torch.inference_mode():
         got = model.generate(prompt, max_new_tokens=6, do_sample=False)
-    assert patchc.counters["hybrid_calls"] - before >= 6 * len(plan)
+    assert patchc.counters["linear_calls"] - before >= 6 * len(plan)
     assert torch.equal(got, want)
     rep = patchc.explain(model.forward)
     assert sum(d.action == "hybrid" for d in rep.decisions) == len(plan)
@@ -233,7 +233,7 @@ def test_other_linear_forms_and_transposed_weights():
     rep = patchc.explain(compiled)
     assert sorted(d.form for d in rep.decisions) == ["addmm", "matmul", "matmul", "matmul", "mm"]
     assert all(d.action == "hybrid" for d in rep.decisions)
-    assert patchc.counters["hybrid_calls"] == 5
+    assert patchc.counters["linear_calls"] == 5
 
 
 def test_dump_dir(tmp_path, mlp):

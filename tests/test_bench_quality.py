@@ -10,7 +10,7 @@ from conftest import tiny_llama
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-from patchc.bench import quality as q  # noqa: E402
+from bench import quality as q  # noqa: E402
 from patchc.data import ByteTokenizer  # noqa: E402
 
 TEXT_A = "Alas, poor Yorick! I knew him, Horatio: a fellow of infinite jest. " * 40
@@ -81,7 +81,7 @@ def test_rows_and_split():
 
 
 def test_targets_are_checked_on_the_rows():
-    from patchc.bench.quality_report import target_lines
+    from bench.quality_report import target_lines
     done = lambda m, p: {"method": m, "status": "done", "ppl": p}  # noqa: E731
     rows = [done("dense", 50.0), done("magnitude 2:4", 900.0), done("wanda 2:4", 160.0), done("sparsegpt 2:4", 100.0),
             done("oneshot-hybrid 25%", 80.0), done("patch-tile 25%", 70.0), done("patch-joint 25%", 56.0),

@@ -88,7 +88,6 @@ def test_tilemask_fast_checks_agree_with_the_slow_ones():
 def test_release_dense_reference_path_keeps_no_dense_copy():
     import patchc
     from conftest import masked_reference, tiny_llama
-    from patchc import runtime
     from patchc.prune import magnitude_hybrid
     model = tiny_llama()
     plan = magnitude_hybrid(model, 0.35, (32, 32))
@@ -98,9 +97,9 @@ def test_release_dense_reference_path_keeps_no_dense_copy():
     with torch.inference_mode():
         y = compiled(ids).logits
     torch.testing.assert_close(y.double(), ref(ids).logits, atol=1e-4, rtol=1e-4)
-    released = [e for e in runtime._REGISTRY.values() if e.released and e._weight() is not None
-                and any(e._weight() is p for p in model.parameters())]
-    assert released and all(e._ref is None for e in released)
+    rows = patchc.memory_report(compiled)["entries"]
+    released = [r for r in rows if r["released"]]
+    assert released and all(r["masked_copy_bytes"] == 0 and r["packed_bytes"] for r in released)
 
 
 # ---- the benchmarks --------------------------------------------------------------------------
@@ -116,16 +115,14 @@ def test_bench_cli_help(capsys):
 
 
 def test_compile_time_measure_and_report(tmp_path, monkeypatch):
-    import importlib
-    from patchc.bench import compile_time as ct
-    from patchc.bench import memory
-    from patchc.runtime import SiteEntry
+    from bench import compile_time as ct
+    from bench import memory
+    from patchc.passes.plan_cache import PLANS
     monkeypatch.setenv("PATCHC_CACHE_DIR", str(tmp_path / "cache"))       # cold: no cost-model plans on disk
-    monkeypatch.setattr(importlib.import_module("patchc.passes.choose_layouts"), "PLANS", {})
+    PLANS.clear()
     model = ct.build_model(ct.TINY, "fp32")
     plan_path = str(tmp_path / "plan.safetensors")
     memory.plans_at(model, [0.35], (32, 32))[0.35].save(plan_path)
-    repack = SiteEntry.repack
     base = {"model": ct.TINY, "dtype": "fp32", "seq": 8, "plan": plan_path, "inner": "eager"}
     runs = []
     for backend in ("eager", "patch"):
@@ -133,7 +130,6 @@ def test_compile_time_measure_and_report(tmp_path, monkeypatch):
         for phase in ("cold", "warm"):
             runs.append(ct.measure({**base, "backend": backend, "phase": phase}))
     torch._dynamo.reset()
-    assert SiteEntry.repack is repack                     # the timers are uninstalled
     p = runs[2]
     assert p["decisions"]["hybrid"] == 14 and p["finite"]
     assert p["split"]["cost model"] > 0
@@ -148,7 +144,7 @@ def test_compile_time_measure_and_report(tmp_path, monkeypatch):
               "inner": "eager", "baseline": "eager", "runs": runs, "wall_s": 1.0, "command": "x",
               "plan": {"params": 1, "planned_params": 1, "linears": 14, "sparsity": 0.35, "frac_sparse_min": 0.5,
                        "frac_sparse_max": 0.9, "without_24_tiles": 0}}
-    from patchc.bench.compile_time_report import render_markdown, summarize
+    from bench.compile_time_report import render_markdown, summarize
     result["summary"] = summarize(result)
     md = render_markdown(result)
     line = next(ln for ln in md.splitlines() if ln.startswith("overhead: "))
@@ -157,8 +153,8 @@ def test_compile_time_measure_and_report(tmp_path, monkeypatch):
 
 
 def test_memory_bytes_formula_matches_packing():
-    from patchc.bench import compile_time as ct
-    from patchc.bench import memory
+    from bench import compile_time as ct
+    from bench import memory
     out = memory.measure_bytes({"model": ct.TINY, "dtype": "fp32", "tile": [32, 32], "targets": [0.25, 0.45]})
     assert len(out["rows"]) == 4
     for r in out["rows"]:
@@ -183,8 +179,8 @@ def test_packed_bytes_table_counts_ragged_tiles_as_packed():
 
 
 def test_memory_rss_release_frees_parameters():
-    from patchc.bench import compile_time as ct
-    from patchc.bench import memory
+    from bench import compile_time as ct
+    from bench import memory
     import tempfile
     model = ct.build_model(ct.TINY, "fp32")
     with tempfile.TemporaryDirectory() as d:
@@ -198,7 +194,7 @@ def test_memory_rss_release_frees_parameters():
 
 
 def test_e2e_step_bytes_bound():
-    from patchc.bench.e2e_decode import LLAMA7B, step_bytes
+    from bench.e2e_decode import LLAMA7B, step_bytes
     lin = [(4096 * 4096, 0.0)] * 4 + [(11008 * 4096, 0.0)] * 3
     dense = step_bytes(LLAMA7B | {"layers": 1}, 1, 256, lin)
     sparse = step_bytes(LLAMA7B | {"layers": 1}, 1, 256, [(n, 1.0) for n, _ in lin])
@@ -212,7 +208,7 @@ def test_e2e_step_bytes_bound():
     ("hf", "2", "inductor-cg,patch-cg@0.35"),
 ])
 def test_e2e_decode_cpu_tiny(tmp_path, impl, batches, variants):
-    from patchc.bench import e2e_decode
+    from bench import e2e_decode
     rc = e2e_decode.main(["--device", "cpu", "--tiny", "--compiler", "eager", "--impl", impl, "--batches", batches,
                           "--variants", variants, "--sparsities", "0.25,0.45", "--gen", "3", "--repeats", "1",
                           "--warmup", "1", "--out", str(tmp_path)])

@@ -293,9 +293,9 @@ def test_plans_never_choose_a_spilling_config(f):
         assert (p.block_m, p.block_n, p.block_k, p.num_warps, p.num_stages) != (16, 128, 128, 8, 3)
 
 
-# ---- calibration (patchc.bench.calibrate): the fit and the rank check, on synthetic measurements ----
+# ---- calibration (patchc.calibrate): the fit and the rank check, on synthetic measurements ----
 def test_spearman_without_scipy():
-    from patchc.bench.calibrate import ranks, spearman
+    from patchc.calibrate import ranks, spearman
     assert ranks([3, 1, 2, 2]).tolist() == [4.0, 1.0, 2.5, 2.5]
     assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -306,7 +306,7 @@ def test_spearman_without_scipy():
 
 
 def _synthetic_points():
-    from patchc.bench.calibrate import TILE
+    from patchc.calibrate import TILE
     pts = []
     for (n, k), f in (((1024, 2048), 0.5), ((2048, 1024), 1.0)):
         g = torch.Generator().manual_seed(n)
@@ -320,7 +320,7 @@ def _synthetic_points():
 
 def test_calibration_fit_reduces_the_error_and_is_stored():
     import dataclasses
-    from patchc.bench.calibrate import fit, predict, run
+    from patchc.calibrate import fit, predict, run
     truth = dataclasses.replace(load_device("h200"), bw_eff=0.7, launch_us=4.5, mma_eff=0.55)
     pts = _synthetic_points()
     for p, us in zip(pts, predict(pts, truth)):
@@ -335,6 +335,6 @@ def test_calibration_fit_reduces_the_error_and_is_stored():
 
 
 def test_calibrate_command_without_gpu_says_so(capsys):
-    from patchc.bench.calibrate import main
+    from patchc.calibrate import main
     assert main(["--budget", "5"]) == 2
     assert "CUDA GPU" in capsys.readouterr().err

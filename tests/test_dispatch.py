@@ -4,12 +4,10 @@ The dynamic-batch test runs in a child process with ``TRITON_INTERPRET=1`` (Trit
 imported with it set): a 4096 -> 1024 fp16 linear whose tile map is all 2:4 with 128x128 tiles,
 planned for an H200 by the real cost model -- hybrid up to M = 64, dense beyond (asserted here
 first, so a change of the model shows up as such; the interpreter runs its 8 x 32 tile steps at
-M = 2 in seconds).  It is compiled once with a dynamic batch
-dimension (``mark_dynamic``) and ``kernel="triton"`` (the only way generated kernels run on CPU);
-``kernel="triton"`` forces Triton at every M, so after the first call the child sets the compiled
-entries' kernel mode to ``"plan"`` -- any mode other than auto / reference / triton makes the op
-take the runner without forcing it, which then follows the plan as it does on a GPU.  M = 2 must
-then run the interpreted kernel and M = 512 the dense dispatch, through the same graph.
+M = 2 in seconds).  It is compiled once with a dynamic batch dimension (``mark_dynamic``) and
+``kernel="auto"``, the child standing in for a GPU placement (``runtime.uses_kernels`` answers
+yes, as it does for a CUDA weight; the interpreter runs the kernels).  M = 2 must run the
+interpreted kernel and M = 512 the dense dispatch, through the same graph.
 """
 import json
 import os
@@ -74,6 +72,7 @@ CHILD = textwrap.dedent("""
     from patchc.plan import MaskPlan
     from patchc.types import TileMask
     torch.cuda.is_available = lambda: False
+    runtime.uses_kernels = lambda entry, device: True     # a GPU placement; the interpreter runs the kernels
     (N, K), TILE, DTYPE = {shape}, {tile}, torch.{dtype}
     SHAPE = (N, K)
     keep = torch.zeros(N, K // 4, 4, dtype=torch.bool)
@@ -86,11 +85,11 @@ CHILD = textwrap.dedent("""
     with torch.no_grad():
         ref.weight.copy_(model[0].weight.double() * tm.mask)
         ref.bias.copy_(model[0].bias.double())
-    compiled = torch.compile(model, backend="patch", options={{"plan": plan, "kernel": "triton", "inner": "eager",
+    compiled = torch.compile(model, backend="patch", options={{"plan": plan, "inner": "eager",
                                                                "device": "h200", "fusion": False}})
     out = {{"calls": []}}
     with torch.inference_mode():
-        for i, m in enumerate((2, 512, 3)):
+        for m in (2, 512, 3):
             x = torch.randn(m, SHAPE[1], generator=torch.Generator().manual_seed(m)).to(DTYPE)
             torch._dynamo.mark_dynamic(x, 0)
             before = dict(patchc.counters)
@@ -98,9 +97,6 @@ CHILD = textwrap.dedent("""
             err = ((y.double() - ref(x.double())).abs().max() / ref(x.double()).abs().max()).item()
             after = dict(patchc.counters)
             out["calls"].append({{"m": m, "err": err, "delta": {{k: after.get(k, 0) - before.get(k, 0) for k in after}}}})
-            if i == 0:     # follow the plan from now on (kernel="triton" forces Triton at every M)
-                for d in patchc.explain(compiled).decisions:
-                    runtime.get_entry(d.site_id).kernel = "plan"
     from torch._dynamo.utils import counters as dyn
     from patchc.backend import records
     out["unique_graphs"] = dyn["stats"]["unique_graphs"]
@@ -147,22 +143,23 @@ def _mlp_compile(monkeypatch=None, **opts):
 
 def test_dense_everywhere_site_runs_masked_dense_where_kernels_would_run(monkeypatch):
     """A tiny weight: the planner (H200) finds dense faster at every M.  Where the generated kernels
-    would run (kernel="auto" on a CUDA weight -- simulated here) the site becomes a masked dense
-    linear; on CPU, or with a kernel the user forced, it stays hybrid and says what the plan is."""
-    import importlib
+    would run (kernel="auto" on a CUDA weight -- the placement simulated here) the site becomes a
+    masked dense linear; on CPU, or with a kernel the user forced, it stays hybrid and says what
+    the plan is."""
     import patchc
-    choose_layouts = importlib.import_module("patchc.passes.choose_layouts")     # the module, not the pass
+    from patchc import runtime
     rep = _mlp_compile()
     assert [d.action for d in rep.decisions] == ["hybrid", "hybrid"]
     assert all(d.layout["summary"] == "dense at every M" and d.layout["thresholds"] == [] for d in rep.decisions)
     assert "[dense at every M]" in str(rep)
-    monkeypatch.setattr(choose_layouts, "runs_kernels", lambda site, cfg: cfg.kernel == "auto")
+    monkeypatch.setattr(runtime, "uses_kernels", lambda entry, device: entry.kernel in ("auto", "triton"))
     torch._dynamo.reset()
     patchc.counters.reset()
     rep = _mlp_compile()
     assert [d.action for d in rep.decisions] == ["dense", "dense"]
     assert all(d.reason == "cost model: dense is faster at every M <= m_max" for d in rep.decisions)
-    assert patchc.counters["masked_dense_calls"] == 2 and patchc.counters["hybrid_calls"] == 0
+    # no kernel is generated for them: F.linear with W ⊙ M on every call
+    assert patchc.counters["reference_calls"] == 2 and patchc.counters["triton_calls"] == 0
     torch._dynamo.reset()
     rep = _mlp_compile(kernel="reference")                  # the user asked for the kernel path
     assert [d.action for d in rep.decisions] == ["hybrid", "hybrid"]
@@ -171,7 +168,7 @@ def test_dense_everywhere_site_runs_masked_dense_where_kernels_would_run(monkeyp
 def test_planning_device_precedence(monkeypatch):
     """device= option > the current CUDA device > $PATCHC_DEVICE > h200."""
     from types import SimpleNamespace
-    from patchc.passes.choose_layouts import plan_for
+    from patchc.passes.plan_cache import plan_for
     tm = all_24(1024, 1024, (128, 128))
     assert plan_for(tm, torch.bfloat16, None, 4096).device == "h200"
     monkeypatch.setenv("PATCHC_DEVICE", "a100")
@@ -190,30 +187,29 @@ def test_plans_are_cached_on_disk_across_processes(tmp_path, monkeypatch):
     """A second process (simulated: the memo emptied) reads the plan from <cache_dir>/plans instead
     of running the cost model; the entry round-trips exactly; a corrupt entry is recomputed; a
     change of the cost model's sources (its hash) misses."""
-    import importlib
-    choose_layouts = importlib.import_module("patchc.passes.choose_layouts")
     import patchc.codegen.layout as layout
+    from patchc.passes import plan_cache
     tm = all_24(1024, 1024, (128, 128))
-    monkeypatch.setattr(choose_layouts, "PLANS", {})          # earlier tests may have planned it
-    first = choose_layouts.plan_for(tm, torch.bfloat16, "h200", 4096, tmp_path)
+    plan_cache.PLANS.clear()                              # earlier tests may have planned it
+    first = plan_cache.plan_for(tm, torch.bfloat16, "h200", 4096, tmp_path)
     files = list((tmp_path / "plans").glob("*.json"))
     assert len(files) == 1
-    monkeypatch.setattr(choose_layouts, "PLANS", {})
+    plan_cache.PLANS.clear()
     monkeypatch.setattr(layout, "plan_dispatch", lambda *a, **k: pytest.fail("ran the cost model on a cached plan"))
-    again = choose_layouts.plan_for(tm, torch.bfloat16, "h200", 4096, tmp_path)
+    again = plan_cache.plan_for(tm, torch.bfloat16, "h200", 4096, tmp_path)
     assert again.to_dict() == first.to_dict() and torch.equal(again.row_order, first.row_order)
     assert again.ranges == first.ranges and again.select(1) == first.select(1)
     monkeypatch.setattr(layout, "plan_dispatch", plan_dispatch)
-    key = choose_layouts.plan_key(tm, torch.bfloat16, "h200", 4096)
-    name = choose_layouts.disk_key(key)
+    key = plan_cache.plan_key(tm, torch.bfloat16, "h200", 4096)
+    name = plan_cache.disk_key(key)
     assert files[0].name == f"{name}.json"
     for bad in (b"{not json", json.dumps({"key": "someone else's", "value": {}}).encode(),
                 json.dumps({"key": name, "value": {"plan": {"ranges": 3}}}).encode()):       # right key, bad body
         files[0].write_bytes(bad)
-        monkeypatch.setattr(choose_layouts, "PLANS", {})
-        assert choose_layouts.plan_for(tm, torch.bfloat16, "h200", 4096, tmp_path).to_dict() == first.to_dict()
+        plan_cache.PLANS.clear()
+        assert plan_cache.plan_for(tm, torch.bfloat16, "h200", 4096, tmp_path).to_dict() == first.to_dict()
         assert json.loads(files[0].read_text())["value"]["plan"] == first.to_dict()       # rewritten
-    choose_layouts.model_hash.cache_clear()
-    monkeypatch.setattr(choose_layouts, "model_hash", lambda: "edited")
-    assert choose_layouts.disk_key(key) != name
-    assert choose_layouts.disk_key(choose_layouts.plan_key(tm, torch.float16, "h200", 4096)) != name
+    plan_cache.model_hash.cache_clear()
+    monkeypatch.setattr(plan_cache, "model_hash", lambda: "edited")
+    assert plan_cache.disk_key(key) != name
+    assert plan_cache.disk_key(plan_cache.plan_key(tm, torch.float16, "h200", 4096)) != name

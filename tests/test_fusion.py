@@ -5,6 +5,7 @@ import torch
 
 import patchc
 from patchc import runtime
+from patchc.maskops import cat_rows
 from patchc.prune import magnitude_hybrid
 
 from conftest import masked_reference, tiny_llama
@@ -61,7 +62,7 @@ def test_qkv_and_gate_up_are_fused(llama_runs):
     _, plan, _, _, out = llama_runs
     c = out[True]["counters"]
     assert c["groups_fused"] == 4 and c["sites_fused"] == 10                 # 2 layers x (q/k/v, gate/up)
-    assert c["fused_calls"] == 4 and c["hybrid_calls"] == c["sites_rewritten"] == len(plan) == 14
+    assert c["fused_calls"] == 4 and c["linear_calls"] == c["sites_rewritten"] == len(plan) == 14
     # on CPU the reference path runs every entry from the user's weights: nothing is packed
     assert "packs" not in c and "packs" not in out[False]["counters"]
     assert "groups_fused" not in out[False]["counters"]
@@ -77,7 +78,7 @@ def test_qkv_and_gate_up_are_fused(llama_runs):
         assert "fused" not in rows[f"{p}.self_attn.o_proj"].reason and "fused" not in rows[f"{p}.mlp.down_proj"].reason
         assert q.packed_bytes and q.packed_bytes < q.dense_bytes
     text = str(out[True]["report"])
-    assert "fused with" in text and "hybrid_linear_group" in text
+    assert "fused with" in text and "into one patchc::hybrid_linear call" in text
     names = {k.name for k in out[True]["kernels"]}
     assert any(name.startswith("hybrid_n128_k64_") for name in names)      # the q/k/v group's kernel
     assert not any("fused" in d.reason for d in out[False]["report"].decisions)
@@ -131,19 +132,21 @@ def test_siblings_that_cannot_concatenate_stay_separate():
     assert "fused_calls" not in patchc.counters and rows["b"].action == "hybrid"
 
 
-def test_group_entry_is_registered_once_and_concatenates_masks():
+def _group(a, b, plan):
+    return runtime.entry_for([a.weight, b.weight], [plan["a"], plan["b"]], [False, False], ["a", "b"], [True, False])
+
+
+def test_group_entry_is_made_once_and_concatenates_masks():
     torch.manual_seed(0)
     a, b = torch.nn.Linear(32, 16), torch.nn.Linear(32, 32)
     plan = magnitude_hybrid(torch.nn.ModuleDict({"a": a, "b": b}), 0.4, TILE)
-    ea = runtime.register_site(a.weight, plan["a"], False, "a")
-    eb = runtime.register_site(b.weight, plan["b"], False, "b")
-    g1 = runtime.register_group([a.weight, b.weight], [ea, eb], [True, False])
-    g2 = runtime.register_group([a.weight, b.weight], [ea, eb], [True, False])
-    assert g1 is g2 and g1.tile_mask.shape == (48, 32) and g1.sizes == [16, 32]
+    g1 = _group(a, b, plan)
+    g2 = _group(a, b, plan)
+    assert g1 is g2 and g1.tile_mask.shape == (48, 32) and [m.n for m in g1.members] == [16, 32]
     assert torch.equal(g1.tile_mask.mask, torch.cat([plan["a"].mask, plan["b"].mask]))
     x = torch.randn(5, 32)
     with torch.inference_mode():
-        y = torch.ops.patchc.hybrid_linear_group(x, [a.weight, b.weight], [a.bias], g1.site_id)
+        y = torch.ops.patchc.hybrid_linear(x, [a.weight, b.weight], [a.bias], g1.site_id)
     want = torch.cat([torch.nn.functional.linear(x, a.weight * plan["a"].mask, a.bias),
                       torch.nn.functional.linear(x, b.weight * plan["b"].mask)], -1)
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
@@ -159,34 +162,34 @@ def test_reference_weight_from_the_users_weights_equals_the_unpacked_one(transpo
     from patchc.prune import mask24_from_scores
     from patchc.types import TileMask
     torch.manual_seed(0)
-    ws, entries = [], []
+    ws, masks = [], []
+    x = torch.randn(3, 64)
     for i, n in enumerate((32, 48)):
         w = torch.randn((64, n) if transposed else (n, 64))
         kind = (torch.rand(n // 16, 4) < 0.6).to(torch.uint8)
         tm = TileMask.from_kinds((16, 16), kind, mask24_from_scores(torch.rand(n, 64)))
-        e = runtime.register_site(w, tm, transposed, f"layer{i}")
-        e.repack(w)
-        assert torch.equal(e.masked_user_weight(), unpack(e.packed))
+        e = runtime.entry_for([w], [tm], [transposed], [f"layer{i}"], [False])
+        e.repack([w])
+        assert torch.equal(e._dense_state([w], x)[3], unpack(e.packed))
         ws.append(w)
-        entries.append(e)
-    g = runtime.register_group(ws, entries, [False, False])
+        masks.append(tm)
+    g = runtime.entry_for(ws, masks, [transposed] * 2, ["layer0", "layer1"], [False, False])
     p = g.packed_for(ws)
-    ref = g.masked_user_weight()
+    ref = g._dense_state(ws, x)[3]
     assert ref.shape == (80, 64) and torch.equal(ref, unpack(p))
-    x = torch.randn(3, 64)
-    assert torch.equal(g.reference_weight(p, x), ref)
+    assert torch.equal(g.dense_linear(x, ws, None), torch.nn.functional.linear(x, ref))
 
 
 def test_cat_rows_is_torch_cat():
-    """runtime.cat_rows (numpy on CPU) equals torch.cat for every dtype the runtime concatenates,
+    """maskops.cat_rows (numpy on CPU) equals torch.cat for every dtype the runtime concatenates,
     transposed views included."""
     torch.manual_seed(0)
     for dt in (torch.bfloat16, torch.float16, torch.float32, torch.bool, torch.uint8):
         a, b = (torch.randn(5, 3) * 3).to(dt), (torch.randn(2, 3) * 3).to(dt)
-        out = runtime.cat_rows([a, b])
+        out = cat_rows([a, b])
         assert out.dtype == dt and torch.equal(out, torch.cat([a, b]))
     t = torch.randn(4, 3).t()
-    assert torch.equal(runtime.cat_rows([t, t]), torch.cat([t, t]))
+    assert torch.equal(cat_rows([t, t]), torch.cat([t, t]))
 
 
 def test_cpu_reference_path_packs_nothing_and_reports_exact_bytes(llama_runs, monkeypatch):
@@ -200,13 +203,14 @@ def test_cpu_reference_path_packs_nothing_and_reports_exact_bytes(llama_runs, mo
     rows = {d.fqn: d for d in out[True]["report"].decisions}
     for name in ("model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj"):
         assert rows[name].packed_bytes == pack(oriented_weight(mods[name]).detach(), plan[name]).nbytes()
-    e = runtime.SiteEntry(0, torch.zeros(4, 4), plan["model.layers.0.self_attn.o_proj"], False, "x")
-    assert not runtime.needs_packing(e, torch.zeros(1))
+    w = torch.zeros(plan["model.layers.0.self_attn.o_proj"].shape)
+    e = runtime.entry_for([w], [plan["model.layers.0.self_attn.o_proj"]], [False], ["x"], [False])
+    assert not runtime.needs_packing(e, w.device)
     e.kernel = "triton"
-    assert runtime.needs_packing(e, torch.zeros(1))
+    assert runtime.needs_packing(e, w.device)
     fresh = tiny_llama(seed=1)
     plan1 = magnitude_hybrid(fresh, 0.35, TILE)
-    monkeypatch.setattr(runtime, "needs_packing", lambda entry, weight: True)
+    monkeypatch.setattr(runtime, "needs_packing", lambda entry, device: True)
     torch._dynamo.reset()
     patchc.counters.reset()
     with torch.inference_mode():
@@ -223,12 +227,15 @@ def test_cpu_reference_path_holds_no_bool_masks(tmp_path):
     model = tiny_llama(seed=2)
     path = magnitude_hybrid(model, 0.35, TILE).save(tmp_path / "m.safetensors")
     ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(0))
-    before = set(runtime._REGISTRY)
     with torch.inference_mode():
-        y = _compile(model, MaskPlan.load(path), fusion=True)(ids).logits
-    entries = [e for sid, e in runtime._REGISTRY.items() if sid not in before]
-    ran = [e for e in entries if getattr(e, "_ref", None) is not None]     # members run in their group
-    assert any(isinstance(e, runtime.GroupEntry) for e in ran) and any(isinstance(e, runtime.SiteEntry) for e in ran)
+        compiled = _compile(model, MaskPlan.load(path), fusion=True)
+        y = compiled(ids).logits
+    pids = {id(p) for p in model.parameters()}
+    entries = [e for r in patchc.backend.records() if r.param_ids() & pids for e in r.entries]
+    ran = [e for e in entries if e._dense is not None]
+    assert any(e.n_sites > 1 for e in ran) and any(e.n_sites == 1 for e in ran)
     for e in entries:
+        for m in e.members:
+            assert m.tile_mask.held_nbytes() == m.tile_mask.bits.numel(), f"{m.fqn} holds its bool mask"
         assert e.tile_mask.held_nbytes() == e.tile_mask.bits.numel(), f"{e.fqn} holds its bool mask"
     assert _rel(y, masked_reference(model, MaskPlan.load(path))(ids).logits) < 1e-4

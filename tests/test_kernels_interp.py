@@ -68,13 +68,14 @@ if not INTERP:
         assert " passed" in r.stdout and "failed" not in r.stdout
 
     def test_triton_kernel_on_cpu_without_interpreter_says_so(tmp_path):
+        from patchc import runtime
         from patchc.codegen.runner import HybridRunner
-        from patchc.packing import pack
         tm = random_mask(32, 32, (16, 16), "mixed", torch.Generator().manual_seed(0))
-        packed = pack(torch.randn(32, 32), tm)
-        runner = HybridRunner(32, 32, torch.float32, (16, 16), cache_dir=tmp_path)
+        w = torch.randn(32, 32)
+        e = runtime.entry_for([w], [tm], [False], ["x"], [False])
+        e.kernel, e.runner = "triton", HybridRunner(32, 32, torch.float32, (16, 16), cache_dir=tmp_path)
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1.*kernel='reference'"):
-            runner(None, torch.randn(3, 32), packed, None)
+            e.run(torch.randn(3, 32), [w], [])
 
     def test_backend_kernel_triton_on_cpu_without_interpreter_says_so(tmp_path):
         from patchc.prune import magnitude_hybrid
@@ -116,29 +117,31 @@ else:
         gk = check_case(70, 100, 13, (32, 32), mode, dtype, True, True, split_k, (16, 32, 32), lead=(2,))
         assert gk.spec.upcast == (dtype == torch.bfloat16)
 
-    def test_runner_dispatches_by_m_and_to_dense(tmp_path):
-        """Hybrid range -> the kernel; dense range -> F.linear on the entry's weight (unless forced)."""
-        from types import SimpleNamespace
+    def test_entry_dispatches_by_m_and_to_dense(tmp_path, monkeypatch):
+        """An entry whose kernels run (kernel "auto" on CUDA; the device check is what this test
+        replaces, the interpreter stands in for the GPU): hybrid range -> the kernel, dense range
+        -> F.linear with W ⊙ M; kernel "triton" forces the kernel at every M."""
         import patchc
+        from patchc import runtime
         from patchc.codegen.runner import HybridRunner
-        from patchc.packing import pack, unpack
         tm = random_mask(48, 64, (16, 32), "mixed", torch.Generator().manual_seed(3))
         w, b = torch.randn(48, 64), torch.randn(48)
-        packed = pack(w, tm)
         ranges = [(8, dict(block_m=16, split_k=2, num_warps=4, num_stages=2)), (None, {"strategy": "dense"})]
-        r = HybridRunner(48, 64, torch.float32, (16, 32), ranges=ranges, cache_dir=tmp_path, input_precision="ieee")
-        entry = SimpleNamespace(kernel="auto", dense_weight=lambda p, x: unpack(p).to(x.dtype))
+        e = runtime.entry_for([w], [tm], [False], ["x"], [True])
+        e.runner = HybridRunner(48, 64, torch.float32, (16, 32), ranges=ranges, cache_dir=tmp_path,
+                                input_precision="ieee")
+        monkeypatch.setattr(runtime, "uses_kernels", lambda entry, device: True)
         ref = lambda x: F.linear(x.double(), w.double() * tm.mask, b.double())  # noqa: E731
         patchc.counters.reset()
         for m, path in ((5, "triton_calls"), (20, "dense_dispatch_calls")):
             x = torch.randn(m, 64)
             before = patchc.counters[path]
-            assert torch.allclose(r(entry, x, packed, b).double(), ref(x), atol=1e-4)
+            assert torch.allclose(e.run(x, [w], [b]).double(), ref(x), atol=1e-4)
             assert patchc.counters[path] == before + 1
-        entry.kernel = "triton"                                        # forced: Triton at every M
+        e.kernel = "triton"                                            # forced: Triton at every M
         before = patchc.counters["triton_calls"]
         x = torch.randn(20, 64)
-        assert torch.allclose(r(entry, x, packed, b).double(), ref(x), atol=1e-4)
+        assert torch.allclose(e.run(x, [w], [b]).double(), ref(x), atol=1e-4)
         assert patchc.counters["triton_calls"] == before + 1
 
     def test_empty_input():
@@ -161,7 +164,7 @@ else:
         err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
         assert err < {torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype], err
         assert patchc.counters["sites_rewritten"] == len(plan) == 14
-        assert patchc.counters["triton_calls"] == patchc.counters["hybrid_calls"] == 14
+        assert patchc.counters["triton_calls"] == patchc.counters["linear_calls"] == 14
         assert patchc.counters["reference_calls"] == 0
         ks = patchc.kernels(compiled)
         assert ks and all(k.path.is_file() and "@triton.jit" in k.source for k in ks)

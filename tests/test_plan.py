@@ -92,7 +92,7 @@ def test_loaded_masks_stay_bits_until_used(tmp_path, mlp):
     """A loaded mask is unpacked to bool only when something reads ``mask``: shape, fingerprint,
     pruned count and validity come from the bits and equal the bool mask's; sibling masks
     concatenate on the bits (whole bytes) to the same mask and fingerprint as on the bools."""
-    from patchc.runtime import concat_masks
+    from patchc.maskops import concat_masks
     plan = _plan(mlp)
     back = MaskPlan.load(plan.save(tmp_path / "m.safetensors"))
     for k in plan:

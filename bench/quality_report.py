@@ -1,6 +1,6 @@
 """Rendering of the quality benchmark: the table (Markdown + CSV), the perplexity-vs-sparsity plot,
 and per run the per-layer sparsity it chose (table + tile maps).  Pure functions of the row
-records ``patchc.bench.quality`` saves, so a partial run renders too (unfinished rows: pending)."""
+records ``bench.quality`` saves, so a partial run renders too (unfinished rows: pending)."""
 from __future__ import annotations
 
 import csv
@@ -165,7 +165,7 @@ def _block_and_proj(name: str) -> tuple[Optional[int], str]:
 def write_layer_report(plan, out_prefix: str, title: str) -> list[str]:
     """``<prefix>-layers.csv`` / ``.md`` (per-linear sparsity and 2:4 tiles), ``<prefix>-tiles.png``
     (every tile map) and ``<prefix>-heatmap.png`` (sparsity per block × projection)."""
-    from ..plot import plot_tile_maps
+    from patchc.plot import plot_tile_maps
 
     per = plan.per_layer()
     os.makedirs(os.path.dirname(out_prefix) or ".", exist_ok=True)

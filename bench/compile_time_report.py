@@ -1,4 +1,4 @@
-"""The compile-time benchmark's summary and markdown report (``patchc.bench.compile_time``)."""
+"""The compile-time benchmark's summary and markdown report (``bench.compile_time``)."""
 from __future__ import annotations
 
 

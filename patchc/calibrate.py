@@ -1,6 +1,6 @@
 """Calibrate the cost model on this GPU: time dense matmuls and hybrid kernels, fit the device constants.
 
-    patchc bench calibrate [--budget 45] [--dry-run]        (GPU only; on CPU it says so and exits 2)
+    patchc calibrate [--budget 45] [--dry-run]        (GPU only; on CPU it says so and exits 2)
 
 Measures, within ``--budget`` seconds: ``F.linear`` (what the dense baseline models) and the
 generated hybrid kernels the planner picks (forced to Triton, so every M times a kernel) on
@@ -261,7 +261,7 @@ def main_args(args) -> int:
     try:
         res = run(args.budget, save=not args.dry_run)
     except RuntimeError as exc:
-        print(f"patchc bench calibrate: {exc}", file=sys.stderr)
+        print(f"patchc calibrate: {exc}", file=sys.stderr)
         return 2
     print(f"device {res['device']}: {res['points']} points in {res.get('seconds')} s; "
           f"log-error {res.get('loss_before', float('nan')):.4f} -> {res.get('loss_after', float('nan')):.4f}; "
@@ -273,7 +273,7 @@ def main_args(args) -> int:
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    """Add ``calibrate`` to a ``patchc bench`` sub-command parser (``subparsers.add_parser``)."""
+    """Add ``calibrate`` to a ``patchc`` sub-command parser (``subparsers.add_parser``)."""
     p = subparsers.add_parser("calibrate", help="fit the cost model's device constants on this GPU",
                               description=__doc__.split("\n\n")[0])
     add_arguments(p)
@@ -282,7 +282,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="patchc bench calibrate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="patchc calibrate", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     return main_args(p.parse_args(argv))
 

@@ -1,1 +1,0 @@
-"""Importable measuring code behind ``patchc bench ...`` (the scripts in ``bench/`` call it)."""
