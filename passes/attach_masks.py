@@ -18,7 +18,7 @@ import torch
 
 from patchc import runtime
 from patchc.caches import BoundedCache
-from patchc.decisions import DENSE, HYBRID, SKIPPED, Reason, SiteDecision
+from patchc.decisions import DENSE, FALLBACK_PREFIX, HYBRID, SKIPPED, Reason, SiteDecision
 from patchc.plan import mask_from_zeros
 
 from .state import CompileState, LinearSite, compile_pass, source_fqn
@@ -134,8 +134,8 @@ def attach_masks(state: CompileState) -> None:
         why = can_rewrite(s)
         if why is not None:
             if cfg.fallback == "error":
-                raise RuntimeError(f"patchc: cannot rewrite {s.fqn} ({s.n}x{s.k}, {s.dtype}): {why.text()} "
-                                   "(fallback='error')")
+                raise RuntimeError(f"patchc: cannot rewrite {s.fqn} ({s.n}x{s.k}, {s.dtype}): "
+                                   f"{why.text().removeprefix(FALLBACK_PREFIX)} (fallback='error')")
             log.info("patchc: %s stays a masked dense linear: %s", s.fqn, why.text())
             s.decision = _decision(s, DENSE, why)
         elif s.tile_mask.num_sparse_tiles() == 0:

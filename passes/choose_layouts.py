@@ -29,7 +29,7 @@ from .state import CompileState, compile_pass
 log = logging.getLogger("patchc")
 
 
-@compile_pass(reads=("sites", "config", "site.decision", "site.entry", "site.tile_mask", "site.weight"),
+@compile_pass(reads=("sites", "config", "site.decision", "site.entry", "site.tile_mask", "site.weight", "site.fqn"),
               writes=("site.layout", "site.decision"))
 def choose_layouts(state: CompileState) -> None:
     cfg = state.config

@@ -49,7 +49,7 @@ def _attach(entry, n, k, dtype, tile, plan, bias: bool, cfg, interpret: bool, fo
 
 
 @compile_pass(reads=("sites", "config", "site.decision", "site.entry", "site.group", "site.layout", "site.tile_mask",
-                     "site.weight", "site.x", "site.bias_node", "group.entry", "group.plan", "group.members"),
+                     "site.weight", "site.x", "site.bias_node", "site.fqn", "group.entry", "group.plan", "group.members"),
               writes=("site.decision",))
 def generate_kernels(state: CompileState) -> None:
     cfg = state.config

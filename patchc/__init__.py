@@ -16,6 +16,7 @@ _LAZY = {
     "MaskPlanError": "patchc.plan",
     "infer_plan": "patchc.plan",
     "apply_plan": "patchc.plan",
+    "plan_from_npz": "patchc.npz",
     "PackedWeight": "patchc.packing",
     "pack": "patchc.packing",
     "unpack": "patchc.packing",

@@ -1,9 +1,7 @@
 """Public entry points: ``patchc.compile``, ``patchc.explain``, ``patchc.kernels``, ``patchc.memory_report``."""
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -13,6 +11,7 @@ from torch import nn
 from .backend import GraphRecord, records, resolve_plan, session_backend
 from .config import PatchConfig
 from .decisions import SiteDecision
+from .generate import CompiledGenerate
 from .release import release_dense
 
 log = logging.getLogger("patchc")
@@ -26,9 +25,6 @@ class CompileSession:
     config: PatchConfig
     plan: Any
     records: list[GraphRecord] = field(default_factory=list)
-    dynamic: Optional[bool] = None
-    forward: Any = None                 # the compiled ``model.forward`` that ``generate`` runs
-    lock: Any = field(default_factory=threading.Lock)
 
 
 def compile(model: nn.Module, plan=None, **options):  # noqa: A001 - mirrors torch.compile
@@ -51,43 +47,13 @@ def compile(model: nn.Module, plan=None, **options):  # noqa: A001 - mirrors tor
     if cfg.release_dense:
         from .plan import infer_plan
         release_dense(model, plan_obj if plan_obj is not None else infer_plan(model, cfg.tile), cfg)
-    session = CompileSession(model, cfg, plan_obj, dynamic=dynamic)
+    session = CompileSession(model, cfg, plan_obj)
     compiled = torch.compile(model, backend=session_backend(session), dynamic=dynamic)
-    compiled._patchc = session
+    # on the wrapper itself: OptimizedModule.__setattr__ would set them on the user's model
+    object.__setattr__(compiled, "_patchc", session)
     if callable(getattr(model, "generate", None)):
-        compiled.generate = _Generate(session)
+        object.__setattr__(compiled, "generate", CompiledGenerate(model, session_backend(session), dynamic))
     return compiled
-
-
-class _Generate:
-    """``compiled.generate(...)``: the model's own ``generate`` with its ``forward`` swapped for the
-    compiled one while it runs (``torch.compile(model).generate`` would run the original forward:
-    ``generate`` calls the module, not the compiled wrapper)."""
-
-    def __init__(self, session: CompileSession):
-        self.session = session
-
-    def __call__(self, *args, **kwargs):
-        s = self.session
-        with s.lock:
-            if s.forward is None:
-                s.forward = torch.compile(s.model.forward, backend=session_backend(s), dynamic=s.dynamic)
-            with _forward_swapped(s.model, s.forward):
-                return s.model.generate(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def _forward_swapped(model: nn.Module, forward):
-    had = "forward" in model.__dict__
-    old = model.__dict__.get("forward")
-    model.forward = forward
-    try:
-        yield
-    finally:
-        if had:
-            model.forward = old
-        else:
-            del model.forward
 
 
 # ---- explain ---------------------------------------------------------------------------------

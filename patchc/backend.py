@@ -154,4 +154,13 @@ def session_backend(session: Any):
         rec = run_pipeline(gm, example_inputs, session.config, model=session.model)
         session.records.append(rec)
         return compile_inner(gm, example_inputs, session.config, rec)
+    backend.__name__ = backend.__qualname__ = "patch"     # what dynamo's error messages name
     return backend
+
+
+def _hook_generate() -> None:
+    from .generate import install_wrapper_hook
+    install_wrapper_hook(patch_backend)
+
+
+_hook_generate()

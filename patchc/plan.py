@@ -86,13 +86,6 @@ class MaskPlan(Mapping):
         return self
 
     # ---- files -----------------------------------------------------------------------------
-    @classmethod
-    def from_npz(cls, path: str | os.PathLike, model: nn.Module, tile=(128, 128)) -> "MaskPlan":
-        """A plan from a released ``.npz`` mask file (MaskLLM's ``mask_compressed.npz``, PATCH
-        releases): bit-packed masks per weight name; tile kinds inferred as in ``infer_plan``."""
-        from .npz import plan_from_npz
-        return plan_from_npz(path, model, tile)
-
     def save(self, path: str | os.PathLike) -> str:
         """Write one ``.safetensors`` file: per layer ``<fqn>.tile_kind`` (uint8) and ``<fqn>.mask``
         (bit-packed uint8), JSON metadata in the header.  Atomic (temp file + rename)."""

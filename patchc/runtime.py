@@ -155,6 +155,7 @@ class Entry:
                         [m.oriented(apply_mask(w, m.tile_mask, m.transposed)) for m, w in zip(self.members, weights)]
                     ).to(device=x.device, dtype=x.dtype)
                 hit = self._dense = (stamp, x.device, x.dtype, ws)
+                counters["masked_weight_builds"] += 1
         return hit
 
     def dense_linear(self, x: Tensor, weights, bias: Optional[Tensor]) -> Tensor:

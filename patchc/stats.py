@@ -5,7 +5,9 @@ Compile: ``sites_rewritten`` (hybrid), ``sites_masked_dense`` (dense), ``sites_f
 ``groups_fused``.  Calls of ``patchc::hybrid_linear``, per member linear: ``linear_calls``, split
 by the path taken: ``triton_calls``, ``reference_calls``, ``dense_dispatch_calls`` (the cost
 model's dense at that M), ``dtype_fallback_calls``; ``fused_calls`` once per fused call;
-``masked_weight_calls`` (W ⊙ M for a fallback or a backward).  Weights: ``packs``, ``repacks``
+``masked_weight_calls`` (W ⊙ M for a fallback or a backward).  Weights: ``packs``,
+``masked_weight_builds`` (the reference / dense path's W ⊙ M, or the check that the weights hold
+it, done once per weights' state and device / dtype), ``repacks``
 (a weight changed after compile), ``released``.  Seconds: ``load_seconds`` (mask files),
 ``cost_model_seconds`` (dispatch plans, fusion predictions), ``codegen_seconds`` (rendering and
 caching kernels in the compile), ``pack_seconds``, ``masked_weight_seconds`` (building W ⊙ M for

@@ -23,8 +23,13 @@ def test_help_lists_commands(capsys):
 
 
 def test_console_script_installed():
-    r = subprocess.run([sys.executable, "-m", "patchc.cli", "--version"], capture_output=True, text=True)
-    assert r.returncode == 0 and "patchc" in r.stdout
+    """The ``patchc`` executable the install put beside this interpreter runs."""
+    import os
+    exe = os.path.join(os.path.dirname(sys.executable), "patchc")
+    assert os.access(exe, os.X_OK), f"no console script at {exe}"
+    r = subprocess.run([exe, "--version"], capture_output=True, text=True)
+    from patchc import __version__
+    assert r.returncode == 0 and r.stdout.strip() == f"patchc {__version__}", r.stdout + r.stderr
 
 
 def test_inspect_table_bytes_and_plot(tmp_path, capsys):

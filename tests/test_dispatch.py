@@ -141,11 +141,24 @@ def _mlp_compile(monkeypatch=None, **opts):
     return patchc.explain(compiled)
 
 
-def test_dense_everywhere_site_runs_masked_dense_where_kernels_would_run(monkeypatch):
-    """A tiny weight: the planner (H200) finds dense faster at every M.  Where the generated kernels
-    would run (kernel="auto" on a CUDA weight -- the placement simulated here) the site becomes a
-    masked dense linear; on CPU, or with a kernel the user forced, it stays hybrid and says what
-    the plan is."""
+def test_which_calls_run_generated_kernels():
+    """The rule the cost model's dense decision and every call's path follow: generated kernels run
+    for kernel="triton" everywhere and for "auto" on CUDA (a torch.device needs no GPU)."""
+    from types import SimpleNamespace
+    from patchc import runtime
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for kernel, on_cuda, on_cpu in (("auto", True, False), ("triton", True, True), ("reference", False, False)):
+        e = SimpleNamespace(kernel=kernel, released=False)
+        assert runtime.uses_kernels(e, cuda) == on_cuda and runtime.uses_kernels(e, cpu) == on_cpu, kernel
+        assert runtime.needs_packing(e, cuda) == on_cuda
+    assert runtime.needs_packing(SimpleNamespace(kernel="reference", released=True), cpu)
+
+
+def test_dense_everywhere_site_becomes_dense_only_where_kernels_run(monkeypatch):
+    """A tiny weight: the planner (H200) finds dense faster at every M.  On CPU with kernel="auto"
+    (no kernel runs) or a kernel the user forced, the site stays hybrid and says what the plan is;
+    placed where kernels run (a CUDA weight: the placement is what this test simulates, no GPU
+    here) it becomes dense and computes F.linear with W ⊙ M, no kernel generated for it."""
     import patchc
     from patchc import runtime
     rep = _mlp_compile()

@@ -92,7 +92,8 @@ RACE = textwrap.dedent("""
             gk = cache.get_kernel(s, root)
             assert gk.source == render(s)
             cache._write_entry(gk.path.parent, s, s.key(), gk.source)
-    print("ok")
+    # a reader that saw a half-written file would have re-rendered the entry ("regenerated")
+    print("ok regenerated=%d" % cache.stats["regenerated"])
 """)
 
 
@@ -106,6 +107,7 @@ def test_processes_racing_on_an_empty_cache_all_succeed(tmp_path):
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert all("ok regenerated=0" in o[0] for o in outs), [o[0] for o in outs]
     entries = list(root.glob("kernels/*/*/kernel.py"))
     assert len(entries) == 4
     assert not [p for p in root.rglob("*") if p.name.endswith(".tmp")]      # no temp file left behind

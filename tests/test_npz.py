@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import patchc
 from patchc.npz import plan_from_npz
 from patchc.plan import MaskPlanError
 from patchc.prune import magnitude_hybrid
@@ -73,8 +74,7 @@ def test_conv1d_masks_are_transposed(tmp_path):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=256, n_positions=32)).eval()
     plan = magnitude_hybrid(model, 0.3, TILE)
-    from patchc.plan import MaskPlan
-    got = MaskPlan.from_npz(_write_maskllm(tmp_path / "g.npz", plan, model), model, tile=TILE)
+    got = patchc.plan_from_npz(_write_maskllm(tmp_path / "g.npz", plan, model), model, tile=TILE)
     assert all(torch.equal(got[n].mask, plan[n].mask) for n in plan)
 
 

@@ -4,7 +4,6 @@ Public names load on first use (PEP 562), so ``import patchc.learn`` stays light
 
 - :func:`learn_masks`, :class:`LearnConfig` — learn a hybrid dense/2:4 tile plan;
 - :func:`oneshot`, :func:`oneshot_hybrid` — magnitude / Wanda / SparseGPT without learning;
-- :func:`plan_from_npz` — a plan from a released ``.npz`` mask file (MaskLLM, PATCH);
 - :func:`masked_forward` — run a model with a plan's masks applied on the fly.
 """
 from __future__ import annotations
