@@ -113,6 +113,21 @@ def child_main(argv: list[str], tasks: dict[str, Callable[[dict], dict]]) -> Opt
     return 0
 
 
+def bench_main(argv, module: str, doc: str, tasks: dict, add_arguments, main_args) -> int:
+    """The ``main(argv)`` of a benchmark module: a child task (``--child``), else parse the options
+    (``add_arguments``) and run ``main_args``."""
+    import argparse
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rc = child_main(argv, tasks)
+    if rc is not None:
+        return rc
+    p = argparse.ArgumentParser(prog=f"patchc bench {module.replace('_', '-')}", description=doc.split("\n\n")[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    args.cmdline = f"python -m bench.{module} " + " ".join(argv)
+    return main_args(args)
+
+
 def write_report(out: Optional[str], markdown: str, result: dict) -> None:
     """Print the report; with ``out``, write it there and the raw result as JSON beside it."""
     print(markdown)

@@ -300,15 +300,8 @@ def main_args(args) -> int:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    rc = common.child_main(argv, {"measure": measure, "plan": lambda spec: make_plan_file(spec, spec["path"])})
-    if rc is not None:
-        return rc
-    p = argparse.ArgumentParser(prog="patchc bench compile-time", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    args.cmdline = "python -m bench.compile_time " + " ".join(argv)
-    return main_args(args)
+    return common.bench_main(argv, "compile_time", __doc__, {"measure": measure, "plan": lambda spec: make_plan_file(
+        spec, spec["path"])}, add_arguments, main_args)
 
 
 if __name__ == "__main__":

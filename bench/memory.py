@@ -352,15 +352,8 @@ def main_args(args) -> int:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    rc = common.child_main(argv, {"bytes": measure_bytes, "rss": measure_rss})
-    if rc is not None:
-        return rc
-    p = argparse.ArgumentParser(prog="patchc bench memory", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    args.cmdline = "python -m bench.memory " + " ".join(argv)
-    return main_args(args)
+    return common.bench_main(argv, "memory", __doc__, {"bytes": measure_bytes, "rss": measure_rss}, add_arguments,
+                             main_args)
 
 
 if __name__ == "__main__":

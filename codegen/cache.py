@@ -26,7 +26,8 @@ from .render import render, signature
 from .spec import KernelSpec, codegen_hash, versions
 
 # process-wide statistics: hits (valid on disk), misses (rendered and written), regenerated
-# (an invalid entry was replaced), memo (served from this process's memo without touching disk)
+# (an entry with both files but wrong contents was replaced), incomplete (one file missing: being
+# written by another process), memo (served from this process's memo without touching disk)
 stats: collections.Counter = collections.Counter()
 _MEMO: dict[tuple[str, str], GeneratedKernel] = {}
 _LOCK = threading.Lock()
@@ -83,8 +84,11 @@ def get_kernel(spec: KernelSpec, cache_dir=None) -> GeneratedKernel:
         if hit:
             stats["hits"] += 1
         else:
-            if (d / "kernel.py").exists() or (d / "spec.json").exists():
+            present = [(d / f).exists() for f in ("kernel.py", "spec.json")]
+            if all(present):            # both files, wrong contents: a torn or foreign entry
                 stats["regenerated"] += 1
+            elif any(present):          # one file: another process is writing it (or died doing so)
+                stats["incomplete"] += 1
             stats["misses"] += 1
             source = render(spec)
             _write_entry(d, spec, key, source)

@@ -6,6 +6,7 @@ Cache layout under the root (``cache_dir=`` option, else ``$PATCHC_CACHE_DIR``, 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -29,50 +30,32 @@ def cache_root(cache_dir: Union[str, os.PathLike, None] = None) -> Path:
 def atomic_write(path: Union[str, os.PathLike], data: Union[bytes, str], mode: int = 0o644) -> Path:
     """Write ``data`` to ``path`` through a uniquely named temporary file in the same folder, then
     ``os.replace`` (atomic on POSIX): readers see the old file or the new one, never a part, and
-    threads or processes writing the same path at once all succeed (the last rename wins).  The
-    file gets ``mode`` (mkstemp's 0600 would make shared mask files unreadable to others)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(data, str):
-        data = data.encode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    threads or processes writing the same path at once all succeed (the last rename wins)."""
+    with atomic_path(path, mode) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Union[str, os.PathLike], mode: int = 0o644):
+    """A unique temporary path beside ``path`` for a writer that needs a file name (safetensors'
+    ``save_file``), moved into place on success and removed on failure.  The file gets ``mode``
+    less the umask (mkstemp's 0600 would make shared mask files unreadable to others)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode & ~_umask())
-        os.replace(tmp, path)
+        yield tmp
+        os.chmod(tmp, mode & ~_UMASK)
+        os.replace(tmp, p)
     except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
-    return path
-
-
-def atomic_path(path: Union[str, os.PathLike]):
-    """A context manager for writers that need a file name (safetensors' ``save_file``): yields a
-    unique temporary path beside ``path`` and moves it into place on success (removes it on
-    failure), with the same mode rule as ``atomic_write``."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def _cm():
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            yield tmp
-            os.chmod(tmp, 0o644 & ~_umask())
-            os.replace(tmp, p)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-    return _cm()
 
 
 def _read_umask() -> int:
@@ -82,7 +65,3 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
-
-
-def _umask() -> int:
-    return _UMASK

@@ -72,15 +72,17 @@ def _masked_weight_fake(weight, site_id, member):
     return torch.empty_like(weight)
 
 
-def _masked_weight_setup(ctx, inputs, output):
+def _mask_setup(ctx, inputs, output):
     ctx.site_id, ctx.member = inputs[1], inputs[2]
 
 
-def _masked_weight_backward(ctx, grad):
+def _mask_backward(ctx, grad):
+    """d(W ⊙ M)/dW applied to ``grad``: grad ⊙ M (the backward of both ``masked_weight`` and
+    ``apply_mask``)."""
     return torch.ops.patchc.apply_mask(grad, ctx.site_id, ctx.member), None, None
 
 
-masked_weight.register_autograd(_masked_weight_backward, setup_context=_masked_weight_setup)
+masked_weight.register_autograd(_mask_backward, setup_context=_mask_setup)
 
 
 @torch.library.custom_op("patchc::apply_mask", mutates_args=())
@@ -95,12 +97,4 @@ def _apply_mask_fake(t, site_id, member):
     return torch.empty_like(t)
 
 
-def _apply_mask_setup(ctx, inputs, output):
-    ctx.site_id, ctx.member = inputs[1], inputs[2]
-
-
-def _apply_mask_backward(ctx, grad):
-    return torch.ops.patchc.apply_mask(grad, ctx.site_id, ctx.member), None, None
-
-
-apply_mask.register_autograd(_apply_mask_backward, setup_context=_apply_mask_setup)
+apply_mask.register_autograd(_mask_backward, setup_context=_mask_setup)
