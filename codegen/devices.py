@@ -56,6 +56,29 @@ class DeviceSpec:
     expand_ops: float = 4.0    # ALU ops per expanded 2:4 element (render.py: decode code, 2 compares, 2 selects)
     step_ns: float = 5.0       # hybrid-only overhead per BLOCK_K step (tile index load, two loops)
     split_us: float = 1.5      # split-K extras: zero the fp32 workspace + cast it back (two small kernels)
+    # ---- pipe throughputs, warp-instructions per clock per SM (see PIPE_SOURCES) ----
+    issue_per_clk: float = 4.0      # one warp-instruction per clock per SM sub-partition (4 per SM)
+    int_per_clk: float = 2.0        # 32-bit integer add/logic/shift/compare/IMAD: 64 lanes per clock
+    fp_per_clk: float = 4.0         # FP32 FFMA/FADD/FMUL: 128 lanes per clock (Ampere A100: 64)
+    lsu_per_clk: float = 1.0        # load/store unit: one warp-instruction per clock into L1TEX
+    xu_per_clk: float = 0.5         # conversions / transcendentals: 16 lanes per clock
+    mma_flop_per_clk: float = 2048.0    # mma.sync (HMMA) dense 16-bit FLOP per clock per SM, as issued
+
+    def pipe_rates(self) -> dict:
+        """Warp-instructions per second of the whole GPU on every counted pipe (``sass.PIPES``;
+        "tensor" in FLOP/s of mma.sync)."""
+        per_s = self.sm_count * self.clock_ghz * 1e9
+        return {"issue": self.issue_per_clk * per_s, "int": self.int_per_clk * per_s, "fp": self.fp_per_clk * per_s,
+                "lsu": self.lsu_per_clk * per_s, "xu": self.xu_per_clk * per_s,
+                "tensor": self.mma_flop_per_clk * per_s}
+
+    def demand(self, per_tile: dict, tile_bytes: float) -> dict:
+        """Each pipe's demand when tiles of ``tile_bytes`` DRAM bytes stream at the full datasheet
+        bandwidth and each costs ``per_tile`` warp-instructions per pipe ("issue" = all of them;
+        "tensor" in FLOP): 1.0 = the pipe is exactly saturated."""
+        tiles_per_s = self.mem_bw_gbs * 1e9 / tile_bytes
+        rates = self.pipe_rates()
+        return {p: per_tile[p] * tiles_per_s / rates[p] for p in per_tile if p in rates}
 
     def tflops(self, dtype) -> float:
         """Tensor-core rate for a dtype; fp32 is TF32 unless matmul precision is "highest"."""
@@ -68,13 +91,31 @@ class DeviceSpec:
         return asdict(self)
 
 
+# Pipe throughputs (``DeviceSpec.*_per_clk``), per SM and clock, and where they come from:
+# * issue: 4 SM sub-partitions, one warp-instruction each per clock (NVIDIA Volta..Hopper
+#   architecture whitepapers);
+# * int / fp / xu: the CUDA C++ Programming Guide, "Arithmetic Instructions" throughput table: 32-bit
+#   integer add, compare, logic, shift and multiply-add run 64 lanes per clock per SM on compute
+#   capability 8.x/9.0 (2 warp-instr); FP32 add/multiply/FMA 128 lanes (8.6, 8.9, 9.0) or 64 (8.0);
+#   type conversions 16 lanes;
+# * lsu: the L1TEX/shared-memory front end accepts one warp-wide request per clock per SM (128 B/clk
+#   of shared memory; Nsight Compute's "lsu" pipe), so 1;
+# * mma_flop_per_clk: mma.sync m16n8k16 dense FLOP per clock per SM as Triton issues it: A100 2048
+#   (312 TFLOPS / 108 SMs / 1.41 GHz), Ampere/Ada GeForce-class 1024 at fp32 accumulate, Hopper
+#   2350: mma.sync reaches about 62 % of the wgmma peak of 3790 (Luo et al., "Benchmarking and
+#   Dissecting the Nvidia Hopper GPU Architecture", arXiv 2402.13499).
+PIPE_SOURCES = ("CUDA C++ Programming Guide: arithmetic instruction throughput per compute capability; "
+                "Nsight Compute profiling guide: pipe names; arXiv 2402.13499: Hopper mma.sync throughput")
+
 # Per-architecture limits.  launch_us: an empty kernel in a CUDA graph costs ~2 us on Hopper and a
 # little more on Ampere/Ada.  l2_bw_gbs: L2 -> SM bandwidth from published microbenchmarks
 # (H100 ~10 TB/s, A100 ~5 TB/s, AD102 ~5 TB/s, GA102 ~3 TB/s); a calibration run should fit it.
-_HOPPER = dict(smem_per_sm_kb=228, smem_per_block_kb=227, max_warps_per_sm=64, launch_us=2.0, l2_bw_gbs=10000)
-_AMPERE = dict(smem_per_sm_kb=164, smem_per_block_kb=163, max_warps_per_sm=64, launch_us=2.5, l2_bw_gbs=5000)
+_HOPPER = dict(smem_per_sm_kb=228, smem_per_block_kb=227, max_warps_per_sm=64, launch_us=2.0, l2_bw_gbs=10000,
+               mma_flop_per_clk=2350.0)
+_AMPERE = dict(smem_per_sm_kb=164, smem_per_block_kb=163, max_warps_per_sm=64, launch_us=2.5, l2_bw_gbs=5000,
+               fp_per_clk=2.0)
 _ADA_GA102 = dict(smem_per_sm_kb=100, smem_per_block_kb=99, max_warps_per_sm=48, launch_us=2.5, l2_bw_gbs=5000,
-                  bw_eff=0.90)   # GDDR6/6X: streaming reads get a little closer to the datasheet
+                  bw_eff=0.90, mma_flop_per_clk=1024.0)   # GDDR6/6X: streaming reads get a little closer to the datasheet
 
 # Datasheet numbers (dense, i.e. half of NVIDIA's "with sparsity" figures).
 DEVICES: dict[str, DeviceSpec] = {d.name: d for d in (
