@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import importlib.util
 import json
 import os
-import sys
 import threading
 from pathlib import Path
 from typing import Optional, Union
@@ -22,7 +20,8 @@ from typing import Optional, Union
 from patchc.files import atomic_write, cache_root
 
 from .kernels import GeneratedKernel
-from .render import render, signature
+from .args import sample_args
+from .render import render
 from .spec import KernelSpec, codegen_hash, versions
 
 # process-wide statistics: hits (valid on disk), misses (rendered and written), regenerated
@@ -62,7 +61,7 @@ def _write_entry(d: Path, spec: KernelSpec, key: str, source: str) -> None:
     data = source.encode()
     atomic_write(d / "kernel.py", data)
     meta = {"name": spec.name, "key": key, "sha256": sha256(data), "spec": spec.to_dict(),
-            "signature": signature(spec), "codegen": codegen_hash(), "versions": versions()}
+            "args": sample_args(spec), "codegen": codegen_hash(), "versions": versions()}
     # spec.json goes last: an entry without it (or with another checksum) is never trusted
     atomic_write(d / "spec.json", json.dumps(meta, indent=1, sort_keys=True).encode())
 
@@ -101,22 +100,3 @@ def clear_memo() -> None:
     """Forget this process's memo (the disk cache stays)."""
     with _LOCK:
         _MEMO.clear()
-
-
-def load_module(path: Union[str, Path], tag: str = ""):
-    """Import a generated kernel file under a unique module name (Triton's JIT needs a real file)."""
-    path = Path(path)
-    name = f"_patchc_kernel_{tag or path.parent.name}_{sha256(str(path.resolve()).encode())[:8]}"
-    if name in sys.modules:
-        return sys.modules[name]
-    mod_spec = importlib.util.spec_from_file_location(name, path)
-    if mod_spec is None or mod_spec.loader is None:
-        raise ImportError(f"cannot import generated kernel {path}")
-    mod = importlib.util.module_from_spec(mod_spec)
-    sys.modules[name] = mod
-    try:
-        mod_spec.loader.exec_module(mod)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return mod

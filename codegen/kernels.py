@@ -1,71 +1,48 @@
-"""``GeneratedKernel``: one rendered kernel: its spec, source, file, launcher and ``asm()``."""
+"""``GeneratedKernel``: one rendered kernel as plain data -- spec, cache key, source, file.
+
+Listing and inspecting kernels needs neither Triton nor a GPU; launching imports the file
+(``load.load_module``), compiling for a GPU target happens in a child process (``asm``).
+"""
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
 
 from .spec import KernelSpec
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class GeneratedKernel:
-    """A generated Triton kernel, as listed by ``patchc.kernels(compiled)``.
-
-    ``source`` is the file's text (with its ``@triton.jit`` function ``name``); ``path`` the
-    ``kernel.py`` it is imported from.  The module is imported on first launch (``fn``), so
-    listing and inspecting kernels needs neither Triton nor a GPU.
-    """
+    """A generated Triton kernel, as listed by ``patchc.kernels(compiled)``: ``source`` is the
+    text of ``path`` (a ``kernel.py`` with one ``@triton.jit`` function named ``name``)."""
 
     spec: KernelSpec
     key: str
     source: str
     path: Path
     cache_hit: bool = False
-    _module: Any = field(default=None, repr=False)
-    _lock: Any = field(default_factory=threading.Lock, repr=False)
 
     @property
     def name(self) -> str:
-        """Readable name: shape, dtype, strategy and blocks (also the Triton function's name)."""
+        """Readable name: strategy, shape, dtype, blocks (also the Triton function's name)."""
         return self.spec.name
 
-    @property
-    def module(self):
-        """The imported ``kernel.py`` (imports Triton)."""
-        if self._module is None:
-            with self._lock:
-                if self._module is None:
-                    from .cache import load_module
-                    self._module = load_module(self.path, f"{self.name}_{self.key}")
-        return self._module
-
-    @property
-    def fn(self):
-        """The ``@triton.jit`` function (an ``InterpretedFunction`` under ``TRITON_INTERPRET=1``)."""
-        return getattr(self.module, self.name)
-
-    def __call__(self, x, packed, bias=None):
-        """Launch on ``x`` (any leading dims) with the packed weight; see ``launch.launch``."""
-        from .launch import launch
-        return launch(self, x, packed, bias)
-
-    # ---- inspection without a GPU --------------------------------------------------------
     def asm(self, target: str = "sm_90", kind: str = "ptx") -> str:
-        """Compiled form for a GPU ``target`` ("sm_80", "sm_90", ...): ``kind`` is one of
-        ttir, ttgir, llir, ptx or resources (registers / shared memory / spills, as JSON text).
-
-        Compiles in a subprocess without ``TRITON_INTERPRET`` (so it works in an interpreter
-        process too) and caches the result next to ``kernel.py``.
-        """
+        """The kernel compiled for a GPU ``target`` ("sm_80", "sm_90", ...) exactly as a launch
+        specialises it (``args.sample_args``), without a GPU: ``kind`` is one of ttir, ttgir,
+        llir, ptx, sass, loops (its inner loops' SASS counts, JSON) or resources (registers /
+        shared memory / spills / specialisation, JSON).  Cached next to ``kernel.py``."""
         from .asm import get_asm
         return get_asm(self, target, kind)
 
     def resources(self, target: str = "sm_90") -> dict:
-        """``{"registers", "shared_bytes", "spill_stores", "spill_loads", "stack_bytes", ...}``."""
-        import json
+        """``{"registers", "shared_bytes", "spill_stores", "spill_loads", "pipeline_depth", ...}``."""
         return json.loads(self.asm(target, "resources"))
+
+    def loops(self, target: str = "sm_90") -> list:
+        """The innermost loops of the SASS (2:4 loop, dense loop), per warp and iteration."""
+        return json.loads(self.asm(target, "loops")) or []
 
     def summary(self) -> dict:
         """JSON-able description (name, key, path, spec)."""
@@ -74,8 +51,3 @@ class GeneratedKernel:
 
     def __repr__(self) -> str:
         return f"GeneratedKernel({self.name}, key={self.key}, path={str(self.path)!r})"
-
-
-def find_kernel(kernels, name: str) -> Optional[GeneratedKernel]:
-    """The kernel called ``name`` in ``kernels`` (None when absent)."""
-    return next((k for k in kernels if k.name == name), None)

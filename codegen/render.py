@@ -1,41 +1,28 @@
 """``render(spec) -> str``: the Triton source of one hybrid dense / 2:4 kernel (pure, no Triton import).
 
-The kernel computes ``Y[M, N] = X[M, K] · Wᵀ (+ b)`` from a ``PackedWeight`` (see
-``patchc.packing``).  Program (pid_n, pid_m[, pid_s]) owns a BLOCK_M × BLOCK_N block of packed
-tile-row ``pid_n // (tn / BLOCK_N)``; it walks that row's 2:4 tiles (gathers the two kept values
-of each group, expands them with the 2-bit indices to a dense block in registers, ``tl.dot``)
-and then its dense tiles (``tl.dot``), accumulating in fp32.  The epilogue adds the bias, casts,
-and stores every row at its original place (``row_order``), masked for ragged M and N.  With
+The kernel computes ``Y[M, N] = X[M, K] . W^T (+ b)`` from a ``PackedWeight``.  Program
+(pid_n, pid_m[, pid_s]) owns BLOCK_N rows of packed tile-row ``pid_n // N_SUB`` and BLOCK_M rows
+of X; it loads its tile-row's record and K-tile indices once (both at addresses known from its
+program id), walks the row's 2:4 tiles and then its dense tiles as two affine streams that
+Triton's software pipeliner multi-buffers (``tl.range(..., num_stages=)``), takes the ragged last
+tile-column (if any) after them, and stores every row at its original place.  With
 ``split_k > 1`` program ``pid_s`` takes an even slice of the row's tile list and adds its fp32
-partial into a zeroed fp32 workspace with ``tl.atomic_add`` (the bias only from slice 0); the
-launcher casts the workspace.  No ``tl.make_block_ptr`` (gone in Triton 3.9), no inline asm, no
-libdevice, one config: all of it runs under ``TRITON_INTERPRET=1`` too.
+partial into a zeroed fp32 workspace (``tl.atomic_add``); the launcher casts it.
+
+The compute of the two strategies is in ``bodies``; the 16-bit kernels use ``prmt.b32`` through
+``tl.inline_asm_elementwise`` with the selector tables of ``tables``; for ``TRITON_INTERPRET=1``
+(``spec.interpret``) the same helpers are rendered in plain Triton (bit operations), so the
+interpreter runs the same data flow.  No ``tl.make_block_ptr`` (gone in Triton 3.9), no libdevice.
 """
 from __future__ import annotations
 
 import json
-import re
 
+from patchc.packformat import ALIGN, PATTERNS, ROW
+
+from . import bodies
+from .args import arg_names
 from .spec import KernelSpec
-
-# pointer arguments in launch order, then the scalar ones (the launcher uses the same order)
-POINTER_ARGS = ("x_ptr", "y_ptr", "b_ptr", "row_order_ptr", "sparse_off_ptr", "dense_off_ptr",
-                "sparse_kidx_ptr", "dense_kidx_ptr", "sparse_vals_ptr", "sparse_meta_ptr", "dense_vals_ptr")
-SCALAR_ARGS = ("M", "stride_xm", "stride_xk", "stride_ym")
-_NAME = re.compile(r"\b[A-Z][A-Z_]*\b")
-
-
-def arg_names(spec: KernelSpec) -> list[str]:
-    """The kernel's parameters in order (``b_ptr`` only with a bias)."""
-    return [a for a in POINTER_ARGS if spec.bias or a != "b_ptr"] + list(SCALAR_ARGS)
-
-
-def signature(spec: KernelSpec) -> dict[str, str]:
-    """Triton ``ASTSource`` signature of the kernel (argument name -> type string)."""
-    t = "*" + spec.dtype
-    ty = {"x_ptr": t, "y_ptr": "*fp32" if spec.split_k > 1 else t, "b_ptr": t,
-          "sparse_vals_ptr": t, "dense_vals_ptr": t}
-    return {a: ty.get(a, "*i32" if a.endswith("_ptr") else "i32") for a in arg_names(spec)}
 
 
 def _header(spec: KernelSpec) -> str:
@@ -45,162 +32,88 @@ def _header(spec: KernelSpec) -> str:
         f"# cache key: {spec.key()}  (spec + codegen sources + patchc/torch/triton versions)",
         f"# spec: {json.dumps(spec.to_dict(), sort_keys=True)}",
         f"# computes Y[M, {spec.n}] = X[M, {spec.k}] . W^T{' + b' if spec.bias else ''} from a PackedWeight "
-        f"with {spec.tile[0]}x{spec.tile[1]} tiles;",
-        "# per packed tile-row: its 2:4 tiles (compressed values + 2-bit indices, expanded in registers),",
-        "# then its dense tiles; fp32 accumulation; the store puts each row back at row_order[i].",
+        f"with {spec.tile[0]}x{spec.tile[1]} tiles ({spec.strategy} strategy);",
+        "# per packed tile-row: its 2:4 tiles (kept value pairs + 4-bit pattern ids), then its dense tiles;",
+        "# fp32 accumulation; the store puts each row back at its original place.",
     ])
 
 
-def _constants(spec: KernelSpec) -> list:
-    """(name, value, comment) of every constant the body uses; inlined as literals."""
-    tn, tk = spec.tile
-    meta_w = -(-tk // 32)
-    return [
-        ("N", spec.n, "output features (rows of W)"),
-        ("K", spec.k, "input features"),
-        ("TN", tn, "mask tile rows"),
-        ("TK", tk, "mask tile columns"),
-        ("META_W", meta_w, "int32 metadata words per tile row: 8 groups of 4 per word"),
-        ("SV_ROW", tk // 2, "kept 2:4 values per tile row"),
-        ("SV_TILE", tn * tk // 2, "kept 2:4 values per tile"),
-        ("SM_TILE", tn * meta_w, "metadata words per tile"),
-        ("DV_TILE", tn * tk, "values per dense tile"),
-        ("BLOCK_M", spec.block_m, "rows of X per program"),
-        ("BLOCK_N", spec.block_n, "output columns per program, divides TN"),
-        ("BLOCK_K", spec.block_k, "K per tl.dot, divides TK"),
-        ("N_SUB", tn // spec.block_n, "BLOCK_N blocks per tile-row"),
-        ("K_STEPS", tk // spec.block_k, "BLOCK_K steps per tile"),
-        ("SPLIT_K", spec.split_k, "programs sharing one tile-row's tile list"),
-    ]
-
-
-def _constant_table(rows) -> str:
-    """The specialisation as a comment table (the values are inlined as literals: the
-    interpreter cannot mix ``tl.constexpr`` globals with Python ints in loop arithmetic)."""
-    return "\n".join(f"# {n:<8}= {v:<6}" + (f" {c}" if c else "") for n, v, c in rows)
-
-
-def _dot(spec: KernelSpec) -> str:
-    """The MMA line: 16-bit operands go to tensor cores as they are; fp32 honours the precision."""
-    if spec.upcast:   # the interpreter has no bf16 dot: upcast both operands (exact products)
-        return "acc = tl.dot(xb.to(tl.float32), tl.trans(w.to(tl.float32)), acc=acc, input_precision=\"ieee\")"
+def _helpers(spec: KernelSpec) -> str:
+    """Module-level @triton.jit helpers the body calls."""
+    i0 = sum(a << (2 * p) for p, (a, _) in enumerate(PATTERNS))
+    i1 = sum(b << (2 * p) for p, (_, b) in enumerate(PATTERNS))
+    out = ["@triton.jit", "def _i0(p):", f"    return ({i0} >> (2 * p)) & 3  # lower kept position of pattern p",
+           "", "", "@triton.jit", "def _i1(p):", f"    return ({i1} >> (2 * p)) & 3  # upper kept position", ""]
     if spec.dtype == "fp32":
-        return f"acc = tl.dot(xb, tl.trans(w), acc=acc, input_precision=\"{spec.input_precision}\")"
-    return "acc = tl.dot(xb, tl.trans(w), acc=acc)"
-
-
-def _epilogue(spec: KernelSpec) -> list[str]:
-    out = ["# ---- epilogue: bias, cast and store at the original rows (fused, no pass over Y) ----",
-           "orig = tl.load(row_order_ptr + row)",
-           "rn_out = orig * TN + rn",
-           "n_ok = rn_out < N",
-           "y_offs = rm64[:, None] * stride_ym + rn_out[None, :]",
-           "y_mask = m_ok[:, None] & n_ok[None, :]"]
-    if spec.bias:
-        cond = "n_ok & (pid_s == 0)" if spec.split_k > 1 else "n_ok"
-        out += [f"bias = tl.load(b_ptr + rn_out, mask={cond}, other=0.0).to(tl.float32)",
-                "acc = acc + bias[None, :]"]
-    # activation epilogues (spec.activation) go here, on the fp32 accumulator
-    if spec.split_k > 1:
-        out.append("tl.atomic_add(y_ptr + y_offs, acc, mask=y_mask)  # fp32 workspace, zeroed by the launcher")
+        return "\n".join(out)
+    if spec.interpret:
+        out += ["", "@triton.jit", "def _prmt(a, s, c):",
+                "    # prmt.b32 in plain Triton (the interpreter has no inline asm); the selectors used",
+                "    # here never set a nibble's sign bit, so that mode is left out",
+                "    out = s * 0",
+                "    for i in tl.static_range(4):",
+                "        idx = (s >> (4 * i)) & 7",
+                "        src = tl.where(idx < 4, a, c)",
+                "        out = out | (((src >> ((idx & 3) * 8)) & 255) << (8 * i))",
+                "    return out", ""]
     else:
-        out.append("tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)")
-    return out
-
-
-def _loop(spec: KernelSpec, kind: str, lo: str, hi: str) -> list[str]:
-    """Loop header over the (tile, BLOCK_K step) pairs of tiles [lo, hi): sets t, kk, kt, xb."""
-    ksteps = spec.tile[1] // spec.block_k
-    if ksteps == 1:
-        head = [f"for t in range({lo}, {hi}):  # {kind} loop", "    kk = 0"]
+        out += ["", "@triton.jit", "def _prmt(a, s, c):",
+                "    return tl.inline_asm_elementwise(\"prmt.b32 $0, $1, $2, $3;\", \"=r,r,r,r\", [a, s, c],",
+                "                                     dtype=tl.int32, is_pure=True, pack=1)", ""]
+    if spec.dtype == "bf16":
+        out += ["", "@triton.jit", "def _lo(p):", "    return (p << 16).to(tl.float32, bitcast=True)  # bf16 -> fp32", "",
+                "", "@triton.jit", "def _hi(p):", "    return (p & -65536).to(tl.float32, bitcast=True)", ""]
     else:
-        head = [f"for it in range({lo} * K_STEPS, {hi} * K_STEPS):  # {kind} loop",
-                "    t = it // K_STEPS",
-                "    kk = (it % K_STEPS) * BLOCK_K"]
-    return head + [
-        f"    kt = tl.load({kind}_kidx_ptr + t)  # K-tile index of this tile",
-        "    cols = kt * TK + kk + rk",
-        "    xb = tl.load(x_rows + cols[None, :] * stride_xk, mask=m_ok[:, None] & (cols < K)[None, :], other=0.0)",
-    ]
+        out += ["", "@triton.jit", "def _lo(p):",
+                "    return p.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)", "",
+                "", "@triton.jit", "def _hi(p):",
+                "    return (p >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)", ""]
+    et = {"bf16": "tl.bfloat16", "fp16": "tl.float16"}[spec.dtype]
+    opaque = ("    return w" if spec.interpret else
+              # an opaque copy: Triton picks the tensor-core operand width from the ops feeding the
+              # dot and halves it after a join (8-bit, 4 per register: ldmatrix unusable); stopping
+              # its walk here keeps 16-bit operands (triton 3.6 / 3.7)
+              "    return tl.inline_asm_elementwise(\"mov.b32 $0, $1;\", \"=r,r\", [w], dtype=" + et
+              + ", is_pure=False, pack=2)")
+    out += ["", "@triton.jit", "def _dense_tile(lo, hi):",
+            "    # int32 pairs [.., groups] of dense positions (0, 1) / (2, 3) -> 16-bit [.., 4 * groups]",
+            f"    e0 = lo.to(tl.int16).to({et}, bitcast=True)",
+            f"    e1 = (lo >> 16).to(tl.int16).to({et}, bitcast=True)",
+            f"    e2 = hi.to(tl.int16).to({et}, bitcast=True)",
+            f"    e3 = (hi >> 16).to(tl.int16).to({et}, bitcast=True)",
+            "    return tl.join(tl.join(e0, e2), tl.join(e1, e3))", "",
+            "", "@triton.jit", "def _opaque(w):", opaque, ""]
+    return "\n".join(out)
 
 
-def _body(spec: KernelSpec) -> list[str]:
-    split = spec.split_k > 1
-    one_sub = spec.tile[0] == spec.block_n
-    lines = [
-        "pid_n = tl.program_id(0)",
-        "pid_m = tl.program_id(1)",
-        *(["pid_s = tl.program_id(2)"] if split else []),
-        "row = pid_n" + ("" if one_sub else " // N_SUB") + "  # packed tile-row",
-        "rn = " + ("" if one_sub else "(pid_n % N_SUB) * BLOCK_N + ") + "tl.arange(0, BLOCK_N)  # rows inside the tile",
-        "rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
-        "rm64 = rm.to(tl.int64)",
-        "m_ok = rm < M",
-        "rk = tl.arange(0, BLOCK_K)",
-        "x_rows = x_ptr + rm64[:, None] * stride_xm",
-        "s_lo = tl.load(sparse_off_ptr + row).to(tl.int64)",
-        "s_hi = tl.load(sparse_off_ptr + row + 1).to(tl.int64)",
-        "d_lo = tl.load(dense_off_ptr + row).to(tl.int64)",
-        "d_hi = tl.load(dense_off_ptr + row + 1).to(tl.int64)  # int64: tile * tile size may pass 2**31",
-    ]
-    if split:
-        lines += [
-            "# this program's even slice [t0, t1) of the row's tile list (2:4 tiles first, then dense)",
-            "n_sp = s_hi - s_lo",
-            "total = n_sp + d_hi - d_lo",
-            "t0 = total * pid_s // SPLIT_K",
-            "t1 = total * (pid_s + 1) // SPLIT_K",
-            "s_hi = s_lo + tl.minimum(t1, n_sp)",
-            "s_lo = s_lo + tl.minimum(t0, n_sp)",
-            "d_hi = d_lo + tl.maximum(t1 - n_sp, 0)",
-            "d_lo = d_lo + tl.maximum(t0 - n_sp, 0)",
-        ]
-    lines += [
-        "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
-        "# ---- 2:4 tiles: column c of a tile is position c % 4 of group c // 4 ----",
-        "pos = (rk % 4)[None, :]",
-        "sv_rows = rn[:, None] * SV_ROW",
-        "sm_rows = rn[:, None]" + ("" if spec.tile[1] <= 32 else " * META_W"),
-        *_loop(spec, "sparse", "s_lo", "s_hi"),
-        "    g = (kk + rk) // 4  # group inside the tile",
-        "    vals = sparse_vals_ptr + t * SV_TILE + sv_rows",
-        "    v0 = tl.load(vals + (2 * g)[None, :])  # duplicated addresses hit cache: DRAM bytes stay compressed",
-        "    v1 = tl.load(vals + (2 * g + 1)[None, :])",
-        "    word = tl.load(sparse_meta_ptr + t * SM_TILE + sm_rows + (g // 8)[None, :])",
-        "    code = (word >> (4 * (g % 8))[None, :]) & 15  # i0 | i1 << 2",
-        "    w = tl.where((code & 3) == pos, v0, tl.where((code >> 2) == pos, v1, 0.0)).to(v0.dtype)",
-        "    " + _dot(spec),
-        "# ---- dense tiles ----",
-        "dv_rows = rn[:, None] * TK",
-        *_loop(spec, "dense", "d_lo", "d_hi"),
-        "    w = tl.load(dense_vals_ptr + t * DV_TILE + dv_rows + (kk + rk)[None, :])",
-        "    " + _dot(spec),
-    ]
-    return lines + _epilogue(spec)
-
-
-def _inline(line: str, values: dict) -> str:
-    """Replace the constant names in the code part of ``line`` by their values."""
-    code, hash_, comment = line.partition("#")
-    code = _NAME.sub(lambda m: str(values.get(m.group(0), m.group(0))), code)
-    return code + hash_ + comment
+def constants(spec: KernelSpec) -> dict:
+    """Every constant the body uses (inlined as literals: the interpreter cannot mix
+    ``tl.constexpr`` globals with Python ints in loop arithmetic)."""
+    tn, tk = spec.tile
+    nk = -(-spec.k // tk)
+    elt = 4 if spec.dtype == "fp32" else 2
+    return dict(N=spec.n, K=spec.k, TN=tn, TK=tk, NK=nk, NKP=1 << max(0, (nk - 1).bit_length()),
+                WR=spec.k - (nk - 1) * tk, N_SUB=-(-tn // spec.block_n), BM=spec.block_m, BN=spec.block_n,
+                BK=spec.block_k, BT=spec.block_t, NS=spec.num_stages, SK=spec.split_k, ROWF=len(ROW), UNIT=ALIGN // elt,
+                UNIT_I32=ALIGN // 4, **{f"R_{k.upper()}": v for k, v in ROW.items()})
 
 
 def render(spec: KernelSpec) -> str:
     """The Triton source (a complete module with one ``@triton.jit`` function named ``spec.name``)."""
     spec.validate()
-    rows = _constants(spec)
-    values = {n: v for n, v, _ in rows}
+    c = constants(spec)
+    body = bodies.prologue(spec, c) + (bodies.gemv(spec, c) if spec.strategy == "gemv" else bodies.mma(spec, c))
+    body += bodies.epilogue(spec, c)
     params = ",\n    ".join(arg_names(spec))
-    body = "\n".join("    " + _inline(ln, values) for ln in _body(spec))
+    table = "\n".join(f"# {k:<8}= {v}" for k, v in c.items() if not k.startswith("R_"))
     return (f"{_header(spec)}\n"
             "import triton\n"
             "import triton.language as tl\n\n"
             f"KERNEL_NAME = {spec.name!r}\n"
-            f"SIGNATURE = {signature(spec)!r}\n"
             f"NUM_WARPS = {spec.num_warps}\n"
             f"NUM_STAGES = {spec.num_stages}\n\n"
-            f"{_constant_table(rows)}\n\n\n"
-            "@triton.jit\n"
+            f"{table}\n\n\n"
+            f"{_helpers(spec)}\n\n"
+            "@triton.jit(do_not_specialize=[\"M\"])\n"
             f"def {spec.name}(\n    {params},\n):\n"
-            f"{body}\n")
+            + "\n".join("    " + ln if ln else "" for ln in body) + "\n")

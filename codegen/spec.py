@@ -4,16 +4,22 @@ A spec is plain, frozen, JSON-serialisable metadata (no tensors, no Triton impor
 ``key()`` hashes the spec together with the codegen sources that affect rendering and the
 patchc / torch / triton versions, so a change to any of them lands in a fresh cache entry.
 
-What is fixed per weight (when it is packed): ``n``, ``k``, ``dtype``, ``tile``, ``block_n``,
-``block_k`` and the tile-row order.  What may vary with M: ``block_m``, ``split_k``,
-``num_warps`` and ``num_stages``.
+Two strategies share the packed format (``patchc.packing``), which fixes only the tile and the
+tile-row order; everything else may change with M:
+
+* ``gemv`` (M of a few rows): lanes run along the groups of 4 of a tile row; a 2:4 group is
+  computed straight from its compressed form (pick x[i0], x[i1] with one byte permute, two FMAs),
+  a dense group as two value pairs; fp32 accumulators reduced once at the end.  BLOCK_M rows of X
+  per program (any power of two), BLOCK_N rows of W (any power of two), whole tile rows per step.
+* ``mma`` (M from ~8 up): 2:4 tiles are expanded in registers with two byte permutes per group and
+  go to ``tl.dot`` with the dense tiles; BLOCK_M, BLOCK_N >= 16, BLOCK_K divides the tile width.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from importlib import metadata
 from pathlib import Path
 from typing import Optional
@@ -21,9 +27,10 @@ from typing import Optional
 from patchc.dtypes import KERNEL_DTYPES, short_name
 
 DTYPES = KERNEL_DTYPES
+STRATEGIES = ("gemv", "mma")
 ACTIVATIONS = (None,)            # room for "silu"/"gelu" epilogues later
 # the codegen files whose text changes what ``render`` produces (hashed into every key)
-RENDER_SOURCES = ("spec.py", "render.py")
+RENDER_SOURCES = ("spec.py", "render.py", "bodies.py", "tables.py", "args.py")
 
 
 class UnsupportedSpec(ValueError):
@@ -50,42 +57,59 @@ class KernelSpec:
     k: int
     dtype: str                       # "fp16" | "bf16" | "fp32": X, W (and Y, bias) dtype
     tile: tuple[int, int]            # the mask tile (tn, tk) of the packed weight
-    block_m: int
-    block_n: int                     # divides tn
-    block_k: int                     # divides tk
+    strategy: str = "mma"
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 0                 # 0: the tile width (gemv always takes whole tile rows)
+    block_t: int = 1                 # tiles (slots of a tile-row) per loop step
     split_k: int = 1                 # > 1: programs share a tile-row's tile list, fp32 atomics
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
     bias: bool = False
     activation: Optional[str] = None
-    interpret: bool = False          # rendered for TRITON_INTERPRET=1 (bf16 dots upcast to fp32)
+    interpret: bool = False          # rendered for TRITON_INTERPRET=1 (no inline asm, no bf16 dot)
     input_precision: str = ""        # fp32 only: "ieee" ("highest") or "tf32"; "" for 16-bit
-    strategy: str = "hybrid"
 
     def __post_init__(self):
         object.__setattr__(self, "tile", tuple(int(t) for t in self.tile))
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
-        if self.dtype != "fp32":
+        if self.dtype != "fp32" or self.strategy == "gemv":
             object.__setattr__(self, "input_precision", "")
         elif self.input_precision not in ("ieee", "tf32"):
             object.__setattr__(self, "input_precision", "ieee")
+        if not self.block_k:
+            object.__setattr__(self, "block_k", self.tile[1] if self.strategy == "gemv" or self.tile[1] <= 128
+                               else 128)
         self.validate()
 
     def validate(self) -> "KernelSpec":
         """Raise ``UnsupportedSpec`` when Triton cannot build this kernel."""
         tn, tk = self.tile
-        for name in ("block_m", "block_n", "block_k"):
-            v = getattr(self, name)
-            # tl.arange needs powers of two; tl.dot needs every dimension >= 16
-            if not _pow2(v) or v < 16:
-                raise UnsupportedSpec(f"{name}={v} must be a power of two >= 16")
-        if tn % self.block_n or tk % self.block_k:
-            raise UnsupportedSpec(f"blocks ({self.block_n}, {self.block_k}) must divide the tile {self.tile}")
+        if self.strategy not in STRATEGIES:
+            raise UnsupportedSpec(f"strategy {self.strategy!r} is not one of {STRATEGIES}")
+        if self.activation not in ACTIVATIONS:
+            raise UnsupportedSpec(f"activation {self.activation!r} is not supported yet")
         if self.split_k < 1 or not _pow2(self.num_warps) or self.num_stages < 1:
             raise UnsupportedSpec(f"bad launch parameters split_k={self.split_k} "
                                   f"num_warps={self.num_warps} num_stages={self.num_stages}")
-        if self.activation not in ACTIVATIONS:
-            raise UnsupportedSpec(f"activation {self.activation!r} is not supported yet")
+        low = 1 if self.strategy == "gemv" else 16        # tl.dot needs every dimension >= 16
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if not _pow2(v) or v < low:
+                raise UnsupportedSpec(f"{name}={v} must be a power of two >= {low} for the {self.strategy} kernel")
+        if not _pow2(self.block_t):
+            raise UnsupportedSpec(f"block_t={self.block_t} must be a power of two")
+        bk = self.block_k
+        if tk % bk or not _pow2(bk) or bk < 4:
+            raise UnsupportedSpec(f"block_k={bk} must be a power of two dividing the tile width {tk}")
+        if self.strategy == "gemv":
+            if bk != tk:
+                raise UnsupportedSpec(f"the gemv kernel takes whole tile rows: block_k must be the tile width {tk}")
+            if self.dtype != "fp32" and self.k % 2:
+                raise UnsupportedSpec(f"the 16-bit gemv kernel reads X as value pairs: K={self.k} must be even")
+        elif bk < 16 or (bk < 32 and bk != tk):
+            raise UnsupportedSpec(f"block_k={bk}: the mma kernel needs block_k >= 32 (whole metadata words) "
+                                  f"or the whole tile width >= 16")
         return self
 
     # ---- derived --------------------------------------------------------------------------
@@ -96,8 +120,9 @@ class KernelSpec:
 
     @property
     def name(self) -> str:
-        """Readable kernel name, e.g. ``hybrid_n4096_k4096_bf16_bm16_bn64_bk64``."""
-        s = f"{self.strategy}_n{self.n}_k{self.k}_{self.dtype}_bm{self.block_m}_bn{self.block_n}_bk{self.block_k}"
+        """Readable kernel name, e.g. ``gemv_n4096_k4096_bf16_bm1_bn16_bk128_w2s6``."""
+        s = (f"{self.strategy}_n{self.n}_k{self.k}_{self.dtype}_bm{self.block_m}_bn{self.block_n}_bk{self.block_k}"
+             f"_bt{self.block_t}_w{self.num_warps}s{self.num_stages}")
         if self.split_k > 1:
             s += f"_sk{self.split_k}"
         if self.bias:
@@ -120,10 +145,6 @@ class KernelSpec:
         names = {f.name for f in fields(cls)}
         return cls(**{k: (tuple(v) if k == "tile" else v) for k, v in d.items() if k in names})
 
-    def with_launch(self, **kw) -> "KernelSpec":
-        """A copy with other M-dependent parameters (block_m, split_k, num_warps, num_stages)."""
-        return replace(self, **kw)
-
     def key(self) -> str:
         """Cache key: the spec, the codegen sources and the versions (16 hex digits)."""
         payload = json.dumps({"spec": self.to_dict(), "codegen": codegen_hash(), "versions": versions()},
@@ -133,12 +154,14 @@ class KernelSpec:
 
 @functools.lru_cache(maxsize=None)
 def codegen_hash() -> str:
-    """sha256 of the codegen files that affect rendering (``RENDER_SOURCES``)."""
+    """sha256 of the codegen files that affect rendering (``RENDER_SOURCES``) and the packed format."""
     h = hashlib.sha256()
+    import importlib.util
     here = Path(__file__).resolve().parent
-    for name in RENDER_SOURCES:
-        h.update(name.encode())
-        h.update((here / name).read_bytes())
+    packing = Path(importlib.util.find_spec("patchc.packing").origin)
+    for path in [here / name for name in RENDER_SOURCES] + [packing]:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 
