@@ -190,8 +190,7 @@ def measure_bytes(spec: dict) -> dict:
             for name, tm in plan.items():
                 p = pack(oriented_weight(mods[name]).detach().to(dt), tm)
                 actual += p.nbytes()
-                index += sum(getattr(p, k).numel() * 4 for k in ("row_order", "sparse_off", "dense_off",
-                                                                   "sparse_kidx", "dense_kidx"))
+                index += sum(getattr(p, k).numel() * 4 for k in ("rows", "kidx"))     # the index arrays
                 del p
             pack_s = time.perf_counter() - t
             rest = (total_params - planned) * isz

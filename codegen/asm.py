@@ -119,9 +119,13 @@ def specialise(fn, args, arch: int, num_warps: int, num_stages: int):
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
+    from triton import knobs
     backend = make_backend(GPUTarget("cuda", arch, 32))
     binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound, spec, opts = binder(*_values(args), num_warps=num_warps, num_stages=num_stages)
+    # the options JITFunction.run adds before binding: the same options, the same Triton cache entry
+    bound, spec, opts = binder(*_values(args), num_warps=num_warps, num_stages=num_stages,
+                               debug=getattr(fn, "debug", None) or knobs.runtime.debug,
+                               instrumentation_mode=knobs.compilation.instrumentation_mode)
     options, signature, constexprs, attrs = fn._pack_args(backend, opts, bound, spec, opts)
     return ASTSource(fn, signature, constexprs, attrs), options.__dict__
 

@@ -48,6 +48,11 @@ def _ix(expr: str, axes: str, of: str) -> str:
     return f"{expr}[{', '.join(':' if a in axes else 'None' for a in of)}]"
 
 
+def _tile(tile, axes: str, of: str, per_row: int) -> str:
+    """`` + tile * (nrows * per_row)`` (a stored tile's offset in its row's region); "" for None."""
+    return "" if tile is None else f" + {_ix(tile, axes, of)} * (nrows * {per_row})"
+
+
 def _and(*masks) -> str:
     return " & ".join(m for m in masks if m)
 
@@ -70,6 +75,12 @@ def _selectors(c, words: str, W: int, G: int, kind: str) -> list:
     if kind == "pick":
         return out + [sel("sel", tables.PICK_LO, tables.PICK_HI)]
     return out + [sel("sel_lo", tables.EXPAND[0], tables.EXPAND[1]), sel("sel_hi", tables.EXPAND[2], tables.EXPAND[3])]
+
+
+def _edge_bases(c, sv_unit: int, dv_unit: int) -> list:
+    return [f"sve = sparse_vals_ptr + tl.load(rec + {c['R_S_EVALS']}).to(tl.int64) * {sv_unit}  # the ragged tile",
+            f"sme = sparse_meta_ptr + tl.load(rec + {c['R_S_EMETA']}).to(tl.int64) * {c['UNIT_I32']}",
+            f"dve = dense_vals_ptr + tl.load(rec + {c['R_D_EVALS']}).to(tl.int64) * {dv_unit}"]
 
 
 def prologue(spec, c) -> list:
@@ -125,6 +136,12 @@ def _step(c, lo: str, hi: str, slot0: str) -> list:
             f"    kt = tl.gather(kv, tl.minimum({slot0}tj, {c['NKP'] - 1}), 0)"]
 
 
+def _step1(c, lo: str, hi: str, slot0: str) -> list:
+    """``_step`` with one slot per step: scalar ``j`` and ``kt``."""
+    return [f"for j in tl.range({lo}, {hi}, num_stages={c['NS']}):",
+            f"    kt = tl.sum(tl.where(slots == {slot0}j, kv, 0))  # K tile of slot j (no load feeds an address)"]
+
+
 # ---- gemv ------------------------------------------------------------------------------------------
 def _gemv_sparse(spec, c, ragged: bool) -> list:
     """A 2:4 step of the gemv strategy, computed straight from the compressed form."""
@@ -135,12 +152,13 @@ def _gemv_sparse(spec, c, ragged: bool) -> list:
     # axes: a step over T tiles, or one ragged tile (no T)
     ax = "MNWG" if ragged else "TMNWG"
     sv_t = "" if ragged else "T"
-    tile = "ns_full" if ragged else "tj"
+    tile = None if ragged else "tj"
+    sm, sv = ("sme", "sve") if ragged else ("sm", "sv")          # the ragged tile has its own region
     kt = str(c["NK"] - 1) if ragged else "kt"
     t_ok = "" if ragged else _ix("t_ok", "T", "T" + "NW")
     gm = f"(grp < {ng})" if W * G != ng else ""
     out = [f"grp = tl.arange(0, {W})[:, None] * {G} + tl.arange(0, {G})[None, :]  # group of a tile row",
-           f"wd = tl.load(sm + {_ix(tile, sv_t, sv_t + 'NW')} * (nrows * {-(-tk // 32)}) + {_ix('rl', 'N', sv_t + 'NW')}"
+           f"wd = tl.load({sm}{_tile(tile, sv_t, sv_t + 'NW', -(-tk // 32))} + {_ix('rl', 'N', sv_t + 'NW')}"
            f" * {wpr} + {_ix(f'tl.arange(0, {W})', 'W', sv_t + 'NW')},",
            f"             mask={_and(t_ok, _ix('n_ok', 'N', sv_t + 'NW'))}, other=0)"]
     if spec.dtype == "fp32":
@@ -157,7 +175,7 @@ def _gemv_sparse(spec, c, ragged: bool) -> list:
     acc = "acc_r" if ragged else "acc"
     done = (lambda e: f"{acc} += tl.sum(tl.sum({e}, axis=3), axis=2)") if ragged else (lambda e: f"{acc} += {e}")
     if spec.dtype != "fp32":
-        out += [f"vp = tl.load(sv + {_ix(tile, sv_t, sv_t + 'NWG')} * (nrows * {tk // 4}) + {_ix('rl', 'N', sv_t + 'NWG')}"
+        out += [f"vp = tl.load({sv}{_tile(tile, sv_t, sv_t + 'NWG', tk // 4)} + {_ix('rl', 'N', sv_t + 'NWG')}"
                 f" * {gpr} + {_ix('grp', 'WG', sv_t + 'NWG')},",
                 f"             mask={vmask}, other=0)  # kept value pairs",
                 f"xq = tl.load(x_ptr + {_ix('rm64', 'M', sv_t + 'MWGP')} * {c['K'] // 2} + {_ix(kt, sv_t, sv_t + 'MWGP')}"
@@ -170,7 +188,7 @@ def _gemv_sparse(spec, c, ragged: bool) -> list:
         if ragged:
             return out + [done(f"{vp.format('_lo')} * _lo(xp) + {vp.format('_hi')} * _hi(xp)")]
         return out + [done(f"{vp.format('_lo')} * _lo(xp)"), done(f"{vp.format('_hi')} * _hi(xp)")]
-    out += [f"v = tl.load(sv + {_ix(tile, sv_t, sv_t + 'NWGP')} * (nrows * {tk // 2}) + {_ix('rl', 'N', sv_t + 'NWGP')}"
+    out += [f"v = tl.load({sv}{_tile(tile, sv_t, sv_t + 'NWGP', tk // 2)} + {_ix('rl', 'N', sv_t + 'NWGP')}"
             f" * {2 * gpr} + {_ix('grp', 'WG', sv_t + 'NWGP')} * 2 + {_ix('tl.arange(0, 2)', 'P', sv_t + 'NWGP')},",
             f"            mask={vmask4}, other=0.0)",
             "v0, v1 = tl.split(v)",
@@ -199,7 +217,7 @@ def _gemv_dense(spec, c, ragged: bool) -> list:
         pn = _pow2_at_least(n)
         cm = f" & (cols < {n})[None, :]" if pn != n else ""
         out = [f"cols = tl.arange(0, {pn})",
-               f"wq = tl.load(dv + nd_full * (nrows * {tk // per}) + rl[:, None] * {n} + cols[None, :],"
+               f"wq = tl.load(dve + rl[:, None] * {n} + cols[None, :],"
                f" mask=n_ok[:, None]{cm}, other=0)",
                f"xq = tl.load(x_ptr + rm64[:, None] * {c['K'] // per} + {(c['NK'] - 1) * tk // per} + cols[None, :],"
                f" mask=m_ok[:, None]{cm}, other=0)"]
@@ -236,6 +254,7 @@ def gemv(spec, c) -> list:
     out = [f"sv = sparse_vals_ptr + s_vals * {c['UNIT'] // per}  # this row's regions (16 bit: in value pairs)",
            f"sm = sparse_meta_ptr + s_meta * {c['UNIT_I32']}",
            f"dv = dense_vals_ptr + d_vals * {c['UNIT'] // per}",
+           *(_edge_bases(c, c['UNIT'] // per, c['UNIT'] // per) if c["WR"] != c["TK"] else []),
            f"acc = tl.zeros(({c['BT']}, {c['BM']}, {c['BN']}, {W}, {G}), dtype=tl.float32)",
            f"acc_r = tl.zeros(({c['BM']}, {c['BN']}), dtype=tl.float32)",
            f"g_offs = (tl.arange(0, {W})[:, None] * {G} + tl.arange(0, {G})[None, :])[:, :, None] * {q}"
@@ -264,34 +283,37 @@ def _dot(spec, acc: str, batched: bool) -> str:
 
 
 def _mma_sparse(spec, c, kk: int, ragged: bool) -> list:
-    """One BLOCK_K step (columns kk.. of the tile) of 2:4 tiles: expand in registers, dot."""
+    """One BLOCK_K step (columns kk.. of the tile) of 2:4 tiles: expand in registers, dot
+    (batched over the T tiles of a step when BLOCK_T > 1)."""
     tk, wr = c["TK"], c["WR"]
     width = wr if ragged else c["BK"]
     W, G, ng = _words(width, 16)
     bk = 4 * W * G
     wpr, gpr = -(-(wr if ragged else tk) // 32), (wr if ragged else tk) // 4
-    b = "" if ragged else "T"
-    tile = "ns_full" if ragged else "tj"
+    batched = not ragged and c["BT"] > 1
+    b = "T" if batched else ""
+    tile = None if ragged else "tj" if batched else "j"
+    sm, sv = ("sme", "sve") if ragged else ("sm", "sv")          # the ragged tile has its own region
     kt = str(c["NK"] - 1) if ragged else "kt"
-    lead = "" if ragged else f"{c['BT']}, "
+    lead = f"{c['BT']}, " if batched else ""
     gm = f"(grp < {ng})" if W * G != ng else ""
     cm = f"(tl.arange(0, {bk}) < {width})" if bk != width else ""
-    t_ok = (lambda axes: "") if ragged else (lambda axes: _ix("t_ok", "T", axes))
+    t_ok = (lambda axes: _ix("t_ok", "T", axes)) if batched else (lambda axes: "")
     out = [f"grp = tl.arange(0, {W})[:, None] * {G} + tl.arange(0, {G})[None, :]",
            f"xb = tl.load(x_ptr + {_ix('rm64', 'M', b + 'MK')} * {c['K']} + {_ix(kt, b, b + 'MK')} * {tk} + {kk}"
            f" + {_ix(f'tl.arange(0, {bk})', 'K', b + 'MK')},",
            f"             mask={_and(t_ok(b + 'MK'), _ix('m_ok', 'M', b + 'MK'), _ix(cm, 'K', b + 'MK') if cm else '')},"
            " other=0.0)",
-           f"wd = tl.load(sm + {_ix(tile, b, b + 'NW')} * (nrows * {-(-tk // 32)}) + {_ix('rl', 'N', b + 'NW')} * {wpr}"
+           f"wd = tl.load({sm}{_tile(tile, b, b + 'NW', -(-tk // 32))} + {_ix('rl', 'N', b + 'NW')} * {wpr}"
            f" + {kk // 32} + {_ix(f'tl.arange(0, {W})', 'W', b + 'NW')},",
            f"             mask={_and(t_ok(b + 'NW'), _ix('n_ok', 'N', b + 'NW'))}, other=0)"]
     if spec.dtype == "fp32":
         out += [f"t = {_ix('wd', b + 'NW', b + 'NWG')} >> {_ix(f'(tl.arange(0, {G}) * 4)', 'G', b + 'NWG')}"
                 "  # pattern id in nibble 0"]
     else:
-        out += _selectors(dict(c, BT=c["BT"] if not ragged else 0), b + "NW", W, G, "expand")
+        out += _selectors(c, b + "NW", W, G, "expand")
     if spec.dtype != "fp32":
-        out += [f"vp = tl.load(sv + {_ix(tile, b, b + 'NWG')} * (nrows * {tk // 4}) + {_ix('rl', 'N', b + 'NWG')} * {gpr}"
+        out += [f"vp = tl.load({sv}{_tile(tile, b, b + 'NWG', tk // 4)} + {_ix('rl', 'N', b + 'NWG')} * {gpr}"
                 f" + {kk // 4} + {_ix('grp', 'WG', b + 'NWG')},",
                 f"             mask={_and(t_ok(b + 'NWG'), _ix('n_ok', 'N', b + 'NWG'), _ix(gm, 'WG', b + 'NWG') if gm else '')},"
                 " other=0)",
@@ -299,7 +321,7 @@ def _mma_sparse(spec, c, kk: int, ragged: bool) -> list:
                 "hi = _prmt(vp, sel_hi, 0)  # dense positions 2, 3",
                 f"w = _opaque(tl.reshape(_dense_tile(lo, hi), ({lead}{c['BN']}, {bk})))"]
     else:
-        out += [f"v = tl.load(sv + {_ix(tile, b, b + 'NWGP')} * (nrows * {tk // 2}) + {_ix('rl', 'N', b + 'NWGP')}"
+        out += [f"v = tl.load({sv}{_tile(tile, b, b + 'NWGP', tk // 2)} + {_ix('rl', 'N', b + 'NWGP')}"
                 f" * {2 * gpr} + {kk // 2} + {_ix('grp', 'WG', b + 'NWGP')} * 2 + {_ix('tl.arange(0, 2)', 'P', b + 'NWGP')},",
                 f"            mask={_and(t_ok(b + 'NWGP'), _ix('n_ok', 'N', b + 'NWGP'), _ix(gm, 'WG', b + 'NWGP') if gm else '')},"
                 " other=0.0)",
@@ -311,27 +333,28 @@ def _mma_sparse(spec, c, kk: int, ragged: bool) -> list:
                 "e2 = tl.where(a == 2, v0, tl.where(b == 2, v1, 0.0))",
                 "e3 = tl.where(b == 3, v1, 0.0)",
                 f"w = tl.reshape(tl.join(tl.join(e0, e2), tl.join(e1, e3)), ({lead}{c['BN']}, {bk}))"]
-    return out + [_dot(spec, "acc_r" if ragged else "acc", not ragged)]
+    return out + [_dot(spec, "acc_r" if ragged else "acc", batched)]
 
 
 def _mma_dense(spec, c, kk: int, ragged: bool) -> list:
     tk, wr = c["TK"], c["WR"]
     width = wr if ragged else c["BK"]
     bk = _pow2_at_least(width, 16)
-    b = "" if ragged else "T"
-    tile = "nd_full" if ragged else "tj"
+    batched = not ragged and c["BT"] > 1
+    b = "T" if batched else ""
+    tile = None if ragged else "tj" if batched else "j"
     kt = str(c["NK"] - 1) if ragged else "kt"
     cm = f"(tl.arange(0, {bk}) < {width})" if bk != width else ""
-    t_ok = (lambda axes: "") if ragged else (lambda axes: _ix("t_ok", "T", axes))
+    t_ok = (lambda axes: _ix("t_ok", "T", axes)) if batched else (lambda axes: "")
     return [f"xb = tl.load(x_ptr + {_ix('rm64', 'M', b + 'MK')} * {c['K']} + {_ix(kt, b, b + 'MK')} * {tk} + {kk}"
             f" + {_ix(f'tl.arange(0, {bk})', 'K', b + 'MK')},",
             f"             mask={_and(t_ok(b + 'MK'), _ix('m_ok', 'M', b + 'MK'), _ix(cm, 'K', b + 'MK') if cm else '')},"
             " other=0.0)",
-            f"w = tl.load(dv + {_ix(tile, b, b + 'NK')} * (nrows * {tk}) + {_ix('rl', 'N', b + 'NK')} * {width if ragged else tk}"
+            f"w = tl.load({'dve' if ragged else 'dv'}{_tile(tile, b, b + 'NK', tk)} + {_ix('rl', 'N', b + 'NK')} * {width if ragged else tk}"
             f" + {kk} + {_ix(f'tl.arange(0, {bk})', 'K', b + 'NK')},",
             f"            mask={_and(t_ok(b + 'NK'), _ix('n_ok', 'N', b + 'NK'), _ix(cm, 'K', b + 'NK') if cm else '')},"
             " other=0.0)",
-            _dot(spec, "acc_r" if ragged else "acc", not ragged)]
+            _dot(spec, "acc_r" if ragged else "acc", batched)]
 
 
 def mma(spec, c) -> list:
@@ -339,13 +362,15 @@ def mma(spec, c) -> list:
     out = [f"sv = sparse_vals_ptr + s_vals * {c['UNIT'] // 2 if pairs else c['UNIT']}  # this row's regions",
            f"sm = sparse_meta_ptr + s_meta * {c['UNIT_I32']}",
            f"dv = dense_vals_ptr + d_vals * {c['UNIT']}",
-           f"acc = tl.zeros(({c['BT']}, {c['BM']}, {c['BN']}), dtype=tl.float32)",
+           *(_edge_bases(c, c['UNIT'] // 2 if pairs else c['UNIT'], c['UNIT']) if c["WR"] != c["TK"] else []),
+           f"acc = tl.zeros(({str(c['BT']) + ', ' if c['BT'] > 1 else ''}{c['BM']}, {c['BN']}), dtype=tl.float32)",
            f"acc_r = tl.zeros(({c['BM']}, {c['BN']}), dtype=tl.float32)",
            "# ---- 2:4 tiles: expanded in registers (two byte permutes per group), tensor cores ----"]
-    out += _step(c, "s_lo", "s_hi", "")
+    step = _step if c["BT"] > 1 else _step1
+    out += step(c, "s_lo", "s_hi", "")
     for kk in range(0, c["TK"], c["BK"]):
         out += ["    " + ln for ln in _mma_sparse(spec, c, kk, False)]
-    out += ["# ---- dense tiles ----"] + _step(c, "d_lo", "d_hi", "n_s + ")
+    out += ["# ---- dense tiles ----"] + step(c, "d_lo", "d_hi", "n_s + ")
     for kk in range(0, c["TK"], c["BK"]):
         out += ["    " + ln for ln in _mma_dense(spec, c, kk, False)]
     if c["WR"] != c["TK"]:
@@ -353,7 +378,7 @@ def mma(spec, c) -> list:
         if c["WR"] % 4 == 0:
             out += ["if edge_s:"] + ["    " + ln for ln in _mma_sparse(spec, c, 0, True)]
         out += ["if edge_d:"] + ["    " + ln for ln in _mma_dense(spec, c, 0, True)]
-    return out + ["out = tl.sum(acc, axis=0) + acc_r"]
+    return out + ["out = " + ("tl.sum(acc, axis=0)" if c["BT"] > 1 else "acc") + " + acc_r"]
 
 
 def epilogue(spec, c) -> list:

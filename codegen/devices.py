@@ -52,10 +52,9 @@ class DeviceSpec:
     mma_eff: float = 0.75      # achievable fraction of the tensor-core peak for Triton tl.dot
     mem_latency_ns: float = 550.0   # loaded DRAM latency (HBM ~500-600 ns): Little's law for bytes in flight
     sm_bytes_per_clk: float = 64.0  # most one SM pulls from L2/DRAM per clock (L1 fill path)
-    alu_ops_per_clk: float = 128.0   # int/fp32 lanes per SM per clock (A100: 64 FP32 + 64 INT32 dual-issue)
-    expand_ops: float = 4.0    # ALU ops per expanded 2:4 element (render.py: decode code, 2 compares, 2 selects)
-    step_ns: float = 5.0       # hybrid-only overhead per BLOCK_K step (tile index load, two loops)
+    warp_ipc: float = 0.5      # issue rate of one warp alone on a sub-partition (dependency stalls)
     split_us: float = 1.5      # split-K extras: zero the fp32 workspace + cast it back (two small kernels)
+    arch: int = 90             # compute capability x 10: the SASS target the cost model reads
     # ---- pipe throughputs, warp-instructions per clock per SM (see PIPE_SOURCES) ----
     issue_per_clk: float = 4.0      # one warp-instruction per clock per SM sub-partition (4 per SM)
     int_per_clk: float = 2.0        # 32-bit integer add/logic/shift/compare/IMAD: 64 lanes per clock
@@ -111,11 +110,11 @@ PIPE_SOURCES = ("CUDA C++ Programming Guide: arithmetic instruction throughput p
 # little more on Ampere/Ada.  l2_bw_gbs: L2 -> SM bandwidth from published microbenchmarks
 # (H100 ~10 TB/s, A100 ~5 TB/s, AD102 ~5 TB/s, GA102 ~3 TB/s); a calibration run should fit it.
 _HOPPER = dict(smem_per_sm_kb=228, smem_per_block_kb=227, max_warps_per_sm=64, launch_us=2.0, l2_bw_gbs=10000,
-               mma_flop_per_clk=2350.0)
+               mma_flop_per_clk=2350.0, arch=90)
 _AMPERE = dict(smem_per_sm_kb=164, smem_per_block_kb=163, max_warps_per_sm=64, launch_us=2.5, l2_bw_gbs=5000,
-               fp_per_clk=2.0)
+               fp_per_clk=2.0, arch=80)
 _ADA_GA102 = dict(smem_per_sm_kb=100, smem_per_block_kb=99, max_warps_per_sm=48, launch_us=2.5, l2_bw_gbs=5000,
-                  bw_eff=0.90, mma_flop_per_clk=1024.0)   # GDDR6/6X: streaming reads get a little closer to the datasheet
+                  bw_eff=0.90, mma_flop_per_clk=1024.0, arch=89)   # GDDR6/6X: streaming reads get a little closer to the datasheet
 
 # Datasheet numbers (dense, i.e. half of NVIDIA's "with sparsity" figures).
 DEVICES: dict[str, DeviceSpec] = {d.name: d for d in (
@@ -132,7 +131,7 @@ DEVICES: dict[str, DeviceSpec] = {d.name: d for d in (
                tflops_tf32=156.0, tflops_fp32=19.5, mem_latency_ns=500.0, **_AMPERE),
     # A6000 / RTX 4090: fp16/bf16 tensor rate *with fp32 accumulate* (the 4090 halves it vs fp16 acc)
     DeviceSpec("a6000", "NVIDIA RTX A6000", 768, 84, 1.80, 6, tflops_bf16=154.8, tflops_fp16=154.8,
-               tflops_tf32=77.4, tflops_fp32=38.7, **{**_ADA_GA102, "l2_bw_gbs": 3000}),
+               tflops_tf32=77.4, tflops_fp32=38.7, **{**_ADA_GA102, "l2_bw_gbs": 3000, "arch": 86}),
     DeviceSpec("rtx4090", "NVIDIA GeForce RTX 4090", 1008, 128, 2.52, 72, tflops_bf16=165.2, tflops_fp16=165.2,
                tflops_tf32=82.6, tflops_fp32=82.6, **_ADA_GA102),
     DeviceSpec("l40s", "NVIDIA L40S", 864, 142, 2.52, 96, tflops_bf16=362.05, tflops_fp16=362.05,
@@ -207,7 +206,7 @@ def load_device(name: str, cache_dir=None) -> DeviceSpec:
     spec = DEVICES[canonical_name(name)]
     cal = {k: v for k, v in _read_calibration(cache_dir).get(spec.name, {}).items() if k in _NUMERIC}
     if cal:
-        ints = {"sm_count", "regs_per_sm", "max_warps_per_sm"}
+        ints = {"sm_count", "regs_per_sm", "max_warps_per_sm", "arch"}
         spec = replace(spec, **{k: (int(v) if k in ints else float(v)) for k, v in cal.items()})
     return spec
 
@@ -226,7 +225,8 @@ def _cuda_device(cache_dir=None) -> Optional[DeviceSpec]:
                       f"and its own SM count / L2 size (calibrate for better plans)")
     spec = load_device(name, cache_dir)
     l2 = getattr(props, "L2_cache_size", 0)
-    return replace(spec, sm_count=props.multi_processor_count, l2_mb=l2 / 2**20 if l2 else spec.l2_mb)
+    return replace(spec, sm_count=props.multi_processor_count, l2_mb=l2 / 2**20 if l2 else spec.l2_mb,
+                   arch=10 * props.major + props.minor)
 
 
 def get_device(device: Union[None, str, DeviceSpec, torch.device] = None, cache_dir=None) -> DeviceSpec:

@@ -116,7 +116,7 @@ class KernelSpec:
     @property
     def upcast(self) -> bool:
         """bf16 dot operands are upcast to fp32 (only for the interpreter, which has no bf16 dot)."""
-        return self.interpret and self.dtype == "bf16"
+        return self.interpret and self.dtype == "bf16" and self.strategy == "mma"
 
     @property
     def name(self) -> str:

@@ -6,8 +6,8 @@ Measures, within ``--budget`` seconds: ``F.linear`` (what the dense baseline mod
 generated hybrid kernels the planner picks (forced to Triton, so every M times a kernel) on
 LLaMA-7B shapes, bf16, 2:4 fractions 0.5 and 1, M in {1, 16, 128, 2048} -- each as one CUDA graph
 of calls rotating over weight copies larger than 2 x L2, median per call.  Then fits the fitted
-constants of ``codegen.devices.DeviceSpec`` (``bw_eff``, ``mma_eff``, ``expand_ops``,
-``launch_us``, ``mem_latency_ns``, ``sm_bytes_per_clk``, ``step_ns``) by least squares on the log of
+constants of ``codegen.devices.DeviceSpec`` (``bw_eff``, ``mma_eff``, ``warp_ipc``,
+``launch_us``, ``mem_latency_ns``, ``sm_bytes_per_clk``) by least squares on the log of
 predicted / measured time (coordinate descent in log space, bounded), and stores them with
 ``save_calibration`` under the device's name: ``load_device`` merges them over the datasheet from
 then on.  ``--dry-run`` fits and prints without saving.
@@ -33,8 +33,8 @@ MS = [1, 16, 128, 2048]
 TILE = (128, 128)
 L2_BYTES = 60e6
 # constant -> (lower, upper) bound of the fit
-BOUNDS = {"bw_eff": (0.5, 1.0), "mma_eff": (0.3, 1.0), "expand_ops": (1.0, 16.0), "launch_us": (0.5, 10.0),
-          "mem_latency_ns": (250.0, 1200.0), "sm_bytes_per_clk": (24.0, 160.0), "step_ns": (0.5, 40.0)}
+BOUNDS = {"bw_eff": (0.5, 1.0), "mma_eff": (0.3, 1.0), "warp_ipc": (0.15, 1.0), "launch_us": (0.5, 10.0),
+          "mem_latency_ns": (250.0, 1200.0), "sm_bytes_per_clk": (24.0, 160.0)}
 NO_GPU = ("needs a CUDA GPU to time kernels on, and there is none here; the planner uses the datasheet "
           "constants (codegen/devices.py) until a calibration run on the GPU stores fitted ones")
 
@@ -116,11 +116,13 @@ def _mask(n, k, frac, seed):
 
 
 def measure(budget_s: float = 30.0, shapes=SHAPES, fracs=FRACS, ms=MS, dtype="bf16") -> list[dict]:
-    """Timed points: ``{"kind": "dense"|"hybrid", n, k, m, dtype, frac, tile_kind, params, us}``
-    (``params``: the hybrid kernel's launch parameters).  Stops when ``budget_s`` is spent."""
+    """Timed points: ``{"kind": "dense"|"hybrid", n, k, m, dtype, frac, tile_kind, candidate, us}``
+    (``candidate``: the hybrid kernel's ``codegen.candidates.Candidate`` as a dict).  Stops when
+    ``budget_s`` is spent."""
     import torch
     import torch.nn.functional as F
 
+    from patchc.codegen.launch import launch
     from patchc.codegen.layout import plan_dispatch
     from patchc.codegen.runner import HybridRunner
     from patchc.packing import pack
@@ -134,7 +136,7 @@ def measure(budget_s: float = 30.0, shapes=SHAPES, fracs=FRACS, ms=MS, dtype="bf
             if time.time() - t0 > budget_s:
                 return points
             x = torch.randn(m, k, device="cuda", dtype=dt)
-            points.append(dict(kind="dense", n=n, k=k, m=m, dtype=dtype, frac=0.0, tile_kind=None, params=None,
+            points.append(dict(kind="dense", n=n, k=k, m=m, dtype=dtype, frac=0.0, tile_kind=None, candidate=None,
                                us=time_graph(lambda i: F.linear(x, dense[i]), copies)))
         del dense
         for frac in fracs:
@@ -150,10 +152,11 @@ def measure(budget_s: float = 30.0, shapes=SHAPES, fracs=FRACS, ms=MS, dtype="bf
                 x = torch.randn(m, k, device="cuda", dtype=dt)
                 gk = runner.kernel_for(m, False, False, force=True)
                 s = gk.spec
+                cand = dict(strategy=s.strategy, block_m=s.block_m, block_n=s.block_n, block_t=s.block_t,
+                            num_warps=s.num_warps, num_stages=s.num_stages, split_k=s.split_k, block_k=s.block_k)
                 points.append(dict(kind="hybrid", n=n, k=k, m=m, dtype=dtype, frac=frac,
-                                   tile_kind=tm.tile_kind.tolist(),
-                                   params=[s.block_m, s.block_n, s.block_k, s.split_k, s.num_warps, s.num_stages],
-                                   kernel=gk.name, us=time_graph(lambda i: runner(None, x, packs[i], None), copies)))
+                                   tile_kind=tm.tile_kind.tolist(), candidate=cand,
+                                   kernel=gk.name, us=time_graph(lambda i: launch(gk, x, packs[i]), copies)))
             del packs, packed
         del w
         torch.cuda.empty_cache()
@@ -165,25 +168,23 @@ def predict(points, spec) -> np.ndarray:
     """The model's µs for every point with device constants ``spec`` (a DeviceSpec)."""
     import torch
 
-    from patchc.codegen.cost import CostModel, KernelParams
-    from patchc.codegen.layout import DENSE_CONFIGS
+    from patchc.codegen.candidates import Candidate
+    from patchc.codegen.cost import HybridModel, Weight, predict_dense
+    from patchc.codegen.counts import get_counts
     from patchc.packing import balanced_row_order
-    models, out = {}, []
+    weights, out = {}, []
     for p in points:
         n, k = p["n"], p["k"]
         if p["kind"] == "dense":
-            key = ("dense", n, k, p["dtype"])
-            if key not in models:
-                models[key] = CostModel(torch.zeros(-(-n // TILE[0]), -(-k // TILE[1]), dtype=torch.uint8), TILE,
-                                        (n, k), p["dtype"], spec)
-            model = models[key]
-            out.append(min(model.predict_us(p["m"], c, hybrid=False) for c in DENSE_CONFIGS))
-        else:
-            key = ("hybrid", n, k, p["dtype"], p["frac"])
-            if key not in models:
-                kind = torch.tensor(p["tile_kind"], dtype=torch.uint8)
-                models[key] = CostModel(kind, TILE, (n, k), p["dtype"], spec, balanced_row_order(kind))
-            out.append(models[key].predict_us(p["m"], KernelParams(*p["params"])))
+            out.append(predict_dense((n, k), p["dtype"], p["m"], spec).us)
+            continue
+        key = (n, k, p["dtype"], p["frac"])
+        if key not in weights:
+            kind = torch.tensor(p["tile_kind"], dtype=torch.uint8)
+            weights[key] = Weight(kind, (n, k), TILE, p["dtype"], balanced_row_order(kind))
+        c = Candidate.from_dict(p["candidate"])
+        counts = get_counts(c.spec(n, k, p["dtype"], TILE), int(spec.arch))
+        out.append(float(HybridModel(weights[key], c, spec, counts)([p["m"]])[0]))
     return np.array(out)
 
 

@@ -3,17 +3,17 @@
 A weight (N, K) is cut into tiles (tn, tk) on a grid (nN, nK); ragged edge tiles are stored at
 their true size (no padding), so a layer never packs larger than dense.  The tile-rows are
 stored in ``row_order`` (packed tile-row i holds original tile-row ``row_order[i]``); inside a
-packed tile-row the 2:4 tiles come first, then the dense tiles, each kind in K order, each kind's
-tiles back to back in one region of its buffer (the ragged last tile-column, if any, is the last
-of its kind).  So a kernel walks every packed tile-row as one affine stream per kind: tile j of
-a kind starts at ``region + j * rows * (values per tile row)``.
+packed tile-row the 2:4 tiles come first, then the dense tiles, each kind in K order.  Each kind's
+full-width tiles of a tile-row lie back to back in one region, so a kernel walks every packed
+tile-row as one affine stream per kind: tile j starts at ``region + j * rows * (values per tile
+row)``; the ragged last tile-column (if any) has its own small region.
 
 Buffers (the kernels' arguments, ``KERNEL_BUFFERS``):
 
 * ``rows``  int32 [nN, ROW_FIELDS]: per packed tile-row its original tile-row, its number of
   weight rows, its 2:4 and dense tile counts, ``edge`` (1: its last 2:4 tile is the ragged
-  tile-column, 2: its last dense tile is) and the starts of its three regions in units of
-  ``ALIGN`` = 16 bytes (so every region is 16-byte aligned: vector loads, ``cp.async``);
+  tile-column, 2: its last dense tile is) and the starts of its regions in units of ``ALIGN`` = 16
+  bytes (every region 16-byte aligned: vector loads, ``cp.async``);
 * ``kidx``  int32 [nN, nK]: the K tile index of every slot of a packed tile-row (2:4 tiles then
   dense); a kernel loads its row of it once, at an address known from its program id;
 * ``sparse_vals`` (dtype): per 2:4 tile [rows, width / 2]: the 2 kept values of every group of
@@ -23,13 +23,17 @@ Buffers (the kernels' arguments, ``KERNEL_BUFFERS``):
   so a kernel turns a nibble into a byte-permute selector with one table lookup;
 * ``dense_vals`` (dtype): per dense tile [rows, width], row-major.
 
-A 2:4 tile costs width/2 values + width/8 bytes per row: 56.25 % of its dense bytes in 16 bit.
-``pack(..., out=packed)`` writes into the buffers of an earlier pack of the same tile map (a
-captured CUDA graph keeps reading the same memory).
+Within each buffer the full tiles (tn x tk) of the full-height tile-rows come first, in packed
+order (one [S, tn, .] block when a tile is a multiple of 16 bytes), then the short tile-row's
+tiles, then the ragged-width tiles.  A 2:4 tile costs width/2 values + width/8 bytes per row:
+56.25 % of its dense bytes in 16 bit.  ``pack(..., out=packed)`` writes into the buffers of an
+earlier pack of the same tile map (a captured CUDA graph keeps reading the same memory);
+``unpack`` on a GPU neither synchronises with the host nor copies from it (the index data it needs
+is kept on the device and the host at pack time), so it may run inside a CUDA-graph capture.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -57,6 +61,8 @@ class PackedWeight:
     sparse_vals: torch.Tensor   # dtype, flat
     sparse_meta: torch.Tensor   # int32, flat
     dense_vals: torch.Tensor    # dtype, flat
+    # host copies of rows / kidx and the device index unpack uses (filled by pack; else on demand)
+    aux: dict = field(default_factory=dict, repr=False)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -71,13 +77,19 @@ class PackedWeight:
         """int32 [nN]: the original tile-row of every packed tile-row."""
         return self.rows[:, ROW["orig"]]
 
+    def host(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, kidx) as numpy arrays, without a device sync when ``pack`` made this weight."""
+        if "rows" not in self.aux:
+            self.aux["rows"], self.aux["kidx"] = self.rows.cpu().numpy(), self.kidx.cpu().numpy()
+        return self.aux["rows"], self.aux["kidx"]
+
     @property
     def num_sparse(self) -> int:
-        return int(self.rows[:, ROW["n_s"]].sum())
+        return int(self.host()[0][:, ROW["n_s"]].sum())
 
     @property
     def num_dense(self) -> int:
-        return int(self.rows[:, ROW["n_d"]].sum())
+        return int(self.host()[0][:, ROW["n_d"]].sum())
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """The tensors, in kernel argument order (``KERNEL_BUFFERS``)."""
@@ -92,7 +104,8 @@ class PackedWeight:
 
     def to(self, device) -> "PackedWeight":
         kw = {k: v.to(device) for k, v in self.buffers().items()}
-        return PackedWeight(self.shape, self.tile, self.dtype, **kw)
+        return PackedWeight(self.shape, self.tile, self.dtype, **kw,
+                            aux={k: v for k, v in self.aux.items() if k in ("rows", "kidx")})
 
 
 def balanced_row_order(tile_kind: torch.Tensor) -> torch.Tensor:
@@ -102,6 +115,33 @@ def balanced_row_order(tile_kind: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the layout: sizes and offsets from the tile map alone ------------------------------------
+class _Kind:
+    """Where one buffer's tiles go: per packed row the start of its full-width tiles' region and
+    of its ragged-width tile (elements; -1: none), and the buffer's length."""
+
+    def __init__(self, lay: "Layout", kind: int, size, unit: int):
+        (tn, tk), (nN, _) = lay.tile, lay.grid
+        n_full = np.where(kind == 1, lay.n_s - lay.edge_s, lay.n_d - lay.edge_d)
+        has_edge = lay.edge_s if kind == 1 else lay.edge_d
+        full_row = lay.rows_n == tn
+        pad = lambda x: -(-x // unit) * unit  # noqa: E731
+        region = pad(n_full * size(lay.rows_n, tk))
+        self.start = np.zeros(nN, np.int64)
+        self.edge = np.full(nN, -1, np.int64)
+        pos = 0
+        order = list(np.flatnonzero(full_row)) + list(np.flatnonzero(~full_row))    # area A, then B
+        self.uniform = bool(size(tn, tk) % unit == 0)         # area A is one [S, tn, .] block
+        self.full_tiles = int(n_full[full_row].sum())
+        for i in order:
+            self.start[i] = pos
+            pos += int(region[i])
+        for i in np.flatnonzero(has_edge):                    # area C: the ragged-width tiles
+            self.edge[i] = pos
+            pos += int(pad(size(lay.rows_n[i], lay.wr)))
+        self.total = pos
+        self.n_full, self.unit = n_full, unit
+
+
 class Layout:
     """Where everything of a packed weight goes, from the tile map, row order and element size
     (no weights needed: ``packed_nbytes`` reads it)."""
@@ -115,58 +155,57 @@ class Layout:
             raise ValueError(f"row_order must be a permutation of range({nN})")
         self.shape, self.tile, self.grid, self.elt, self.order = (n, k), (tn, tk), (nN, nK), elt, order
         kp = kind[order]                                                     # [nN, nK] in packed order
+        self.kind = kind
         self.n_s = kp.sum(1)
         self.n_d = nK - self.n_s
         # slots: 2:4 tile-columns (K order), then dense ones
         self.kidx = np.argsort((kp == 0) * nK + np.arange(nK)[None, :], axis=1, kind="stable").astype(np.int32)
         self.rows_n = np.minimum(tn, n - order * tn)                         # weight rows per tile-row
-        self.width = np.minimum(tk, k - np.arange(nK) * tk)                 # columns per tile-column
-        ragged = self.width[-1] != tk
-        edge = np.zeros(nN, np.int64)
-        if ragged:
-            edge = np.where(kp[:, -1] == 1, 1, 2)
-        self.edge = edge
-        # per packed row: elements of each region (2:4 values, meta words, dense values)
-        w_s = (kp * self.width[None, :]).sum(1)                              # total 2:4 width of a row
-        w_d = ((1 - kp) * self.width[None, :]).sum(1)
-        words = -(-self.width // 32)
-        m_s = (kp * words[None, :]).sum(1)
-        self.sv_len = self.rows_n * w_s // 2
-        self.sm_len = self.rows_n * m_s
-        self.dv_len = self.rows_n * w_d
+        self.wr = k - (nK - 1) * tk                                          # width of the last tile-column
+        ragged = self.wr != tk
+        self.edge_s = (kp[:, -1] == 1) & ragged
+        self.edge_d = (kp[:, -1] == 0) & ragged
         ua, um = ALIGN // elt, ALIGN // 4                                    # region alignment, in elements
-        self.sv_base, self.sv_total = _bases(self.sv_len, ua)
-        self.sm_base, self.sm_total = _bases(self.sm_len, um)
-        self.dv_base, self.dv_total = _bases(self.dv_len, ua)
-        self.table = np.stack([order, self.rows_n, self.n_s, self.n_d, edge, self.sv_base // ua,
-                               self.sm_base // um, self.dv_base // ua], axis=1).astype(np.int32)
+        self.sv = _Kind(self, 1, lambda r, w: r * (w // 2), ua)
+        self.sm = _Kind(self, 1, lambda r, w: r * -(-w // 32), um)
+        self.dv = _Kind(self, 0, lambda r, w: r * w, ua)
+        unit = lambda kd, x: np.where(x >= 0, x // kd.unit, 0)  # noqa: E731
+        self.table = np.stack([order, self.rows_n, self.n_s, self.n_d, self.edge_s + 2 * self.edge_d,
+                               self.sv.start // ua, self.sm.start // um, self.dv.start // ua,
+                               unit(self.sv, self.sv.edge), unit(self.sm, self.sm.edge), unit(self.dv, self.dv.edge)],
+                              axis=1).astype(np.int32)
 
     def nbytes(self) -> int:
-        return (self.table.size + self.kidx.size + self.sm_total) * 4 + (self.sv_total + self.dv_total) * self.elt
+        return (self.table.size + self.kidx.size + self.sm.total) * 4 + (self.sv.total + self.dv.total) * self.elt
 
     def matches(self, p: PackedWeight) -> bool:
         """Whether ``p`` was packed with this layout (same tile map, order, sizes)."""
-        return (tuple(p.shape) == self.shape and tuple(p.tile) == self.tile
-                and np.array_equal(p.rows.cpu().numpy(), self.table) and np.array_equal(p.kidx.cpu().numpy(), self.kidx)
-                and p.sparse_vals.numel() == self.sv_total and p.dense_vals.numel() == self.dv_total
-                and p.sparse_meta.numel() == self.sm_total)
+        rows, kidx = p.host()
+        return (tuple(p.shape) == self.shape and tuple(p.tile) == self.tile and np.array_equal(rows, self.table)
+                and np.array_equal(kidx, self.kidx) and p.sparse_vals.numel() == self.sv.total
+                and p.dense_vals.numel() == self.dv.total and p.sparse_meta.numel() == self.sm.total)
 
-
-def _bases(lengths: np.ndarray, unit: int):
-    """Aligned region starts of consecutive regions of ``lengths`` elements, and the total."""
-    padded = -(-lengths // unit) * unit
-    starts = np.concatenate([[0], np.cumsum(padded)[:-1]]) if len(padded) else np.zeros(0, np.int64)
-    return starts.astype(np.int64), int(padded.sum())
+    def tiles(self, kind: int):
+        """Every tile of a kind in buffer order: (packed row, tile-column, rows, width, slot)."""
+        nN, nK = self.grid
+        slot = np.arange(nK)[None, :]
+        sel = (slot < self.n_s[:, None]) if kind == 1 else (slot >= self.n_s[:, None])
+        r, s = np.nonzero(sel)
+        c = self.kidx[r, s].astype(np.int64)
+        return r, c, self.rows_n[r], np.minimum(self.tile[1], self.shape[1] - c * self.tile[1])
 
 
 def packed_nbytes(tile_mask, dtype) -> int:
     """Bytes of ``pack(weight, tile_mask)`` (values, metadata, index arrays) without packing
-    (exact; the row order does not change it)."""
+    (exact for any row order)."""
     elt = torch.empty((), dtype=dtype).element_size()
     return Layout(tile_mask.tile_kind, tile_mask.shape, tile_mask.tile, None, elt).nbytes()
 
 
 # ---- packing --------------------------------------------------------------------------------
+_CHUNK_GROUPS = 1 << 19          # groups of 4 per chunk: bounds the int64 index temporaries (~8 MiB)
+
+
 def pack(weight: torch.Tensor, tile_mask: TileMask, row_order: Optional[torch.Tensor] = None,
          out: Optional[PackedWeight] = None) -> PackedWeight:
     """Pack ``weight`` (out, in) under ``tile_mask`` (pruned weights are dropped).
@@ -174,14 +213,14 @@ def pack(weight: torch.Tensor, tile_mask: TileMask, row_order: Optional[torch.Te
     ``out``: an earlier ``pack`` of the same tile map, dtype, device and row order; its buffers
     are overwritten in place and it is returned (``ValueError`` when the layout differs), so
     memory a captured CUDA graph reads is never freed.  The values are gathered on the CPU with
-    numpy (fancy-indexed tile gathers, a flat ``take`` of the kept values), on other devices with
-    torch ops; no device-to-host synchronisation either way.
+    numpy (fancy-indexed tile gathers, ``take_along_axis`` of the kept values), on other devices
+    with torch ops.
     """
     if tuple(weight.shape) != tile_mask.shape:
         raise ValueError(f"weight shape {tuple(weight.shape)} does not match its mask {tile_mask.shape}")
     w = weight.detach()
     lay = Layout(tile_mask.tile_kind, tile_mask.shape, tile_mask.tile, row_order, w.element_size())
-    if out is not None and (not lay.matches(out) or out.dtype != w.dtype or out.device != w.device):
+    if out is not None and (out.dtype != w.dtype or out.device != w.device or not lay.matches(out)):
         raise ValueError("pack(out=...): the packed weight has another tile map, row order, dtype or device; "
                          "repacking in place needs the same layout")
     sv, sm, dv = _pack_values(w, tile_mask, lay)
@@ -191,19 +230,19 @@ def pack(weight: torch.Tensor, tile_mask: TileMask, row_order: Optional[torch.Te
         out.dense_vals.copy_(dv)
         return out
     dev = w.device
-    return PackedWeight(shape=tuple(w.shape), tile=tuple(tile_mask.tile), dtype=w.dtype,
-                        rows=torch.from_numpy(lay.table).to(dev), kidx=torch.from_numpy(lay.kidx).to(dev),
-                        sparse_vals=sv, sparse_meta=sm, dense_vals=dv)
+    p = PackedWeight(shape=tuple(w.shape), tile=tuple(tile_mask.tile), dtype=w.dtype,
+                     rows=torch.from_numpy(lay.table).to(dev), kidx=torch.from_numpy(lay.kidx).to(dev),
+                     sparse_vals=sv, sparse_meta=sm, dense_vals=dv)
+    p.aux.update(rows=lay.table, kidx=lay.kidx, layout=lay)
+    p.aux["dst"] = {kind: torch.from_numpy(_full_dst(lay, kind)).to(dev) for kind in (0, 1)}
+    return p
 
 
-def _tile_blocks(lay: Layout, kind_wanted: int):
-    """(packed row, slot, tile-column, rows, width) of every tile of a kind, in buffer order."""
-    nN, nK = lay.grid
-    slot = np.arange(nK)[None, :]
-    sel = (slot < lay.n_s[:, None]) if kind_wanted == 1 else (slot >= lay.n_s[:, None])
-    r, s = np.nonzero(sel)
-    c = lay.kidx[r, s].astype(np.int64)
-    return r, c, lay.rows_n[r], lay.width[c]
+def _full_dst(lay: Layout, kind: int) -> np.ndarray:
+    """Flat tile index (original tile-row x nK + tile-column) of the full tiles of area A, in order."""
+    r, c, rw, ww = lay.tiles(kind)
+    full = (rw == lay.tile[0]) & (ww == lay.tile[1])
+    return (lay.order[r[full]] * lay.grid[1] + c[full]).astype(np.int64)
 
 
 def _padded(x: torch.Tensor, tile, grid) -> torch.Tensor:
@@ -216,25 +255,27 @@ def _padded(x: torch.Tensor, tile, grid) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, pw, 0, ph))
 
 
-def _assemble(regions, bases, total, like, lengths):
-    """One flat buffer: every packed row's blocks (``_regions``) at its region start, zero padding
-    between regions."""
-    if not total:
-        return like.new_zeros(0)
-    parts, pos = [], 0
-    for i, base in enumerate(bases):
-        if lengths[i] == 0:
-            continue
-        if base > pos:
-            parts.append(like.new_zeros(int(base - pos)))
-        parts.extend(b.reshape(-1) for b in regions[i])
-        pos = int(base + lengths[i])
-    if total > pos:
-        parts.append(like.new_zeros(int(total - pos)))
-    return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
-
-
-_CHUNK_GROUPS = 1 << 19          # groups of 4 per chunk: bounds the int64 index temporaries (~8 MiB)
+def _place(blocks: torch.Tensor, kind: int, kd: _Kind, lay: Layout, size, crop, like) -> torch.Tensor:
+    """One flat buffer from per-tile blocks [S, tn, .] in ``lay.tiles`` order: area A (the full
+    tiles) in one copy when its tiles are 16-byte multiples, every other tile cropped to its true
+    size at its own start; zero padding between regions."""
+    tn, tk = lay.tile
+    r, c, rw, ww = lay.tiles(kind)
+    out = like.new_zeros(kd.total)
+    if not len(r):
+        return out
+    full = (rw == tn) & (ww == tk)
+    rest = np.arange(len(r))
+    if kd.uniform and full.any():
+        sel = np.flatnonzero(full)
+        out[: len(sel) * blocks[0].numel()] = blocks[torch.as_tensor(sel, device=blocks.device)].reshape(-1)
+        rest = np.flatnonzero(~full)
+    if len(rest):
+        starts = _starts(lay, kind, kd, size)
+        for t in rest:
+            b = crop(blocks[t], int(rw[t]), int(ww[t])).reshape(-1)
+            out[int(starts[t]): int(starts[t]) + b.numel()] = b
+    return out
 
 
 def _pack_values(w: torch.Tensor, tile_mask: TileMask, lay: Layout):
@@ -249,13 +290,12 @@ def _pack_values(w: torch.Tensor, tile_mask: TileMask, lay: Layout):
             return torch.from_numpy(t4[orig, :, c, :]).view(w.dtype)
         return t4[torch.as_tensor(orig, device=dev), torch.as_tensor(c, device=dev)]
 
-    # ---- dense tiles: blocks [rows, width] per packed row ----
-    r, c, rw, ww = _tile_blocks(lay, 0)
+    # ---- dense tiles: blocks [rows, width] ----
+    r, c, rw, ww = lay.tiles(0)
     dblocks = gather(lay.order[r], c) if len(r) else w.new_zeros(0, tn, tk)
-    dv = _assemble(_regions(dblocks, r, rw, ww, lay, lambda b, h, wd: b[:h, :wd]),
-                   lay.dv_base, lay.dv_total, w, lay.dv_len)
+    dv = _place(dblocks, 0, lay.dv, lay, lambda h, wd: h * wd, lambda b, h, wd: b[:h, :wd], w)
     # ---- 2:4 tiles: kept values [rows, width/2] and meta words [rows, ceil(width/32)] ----
-    r, c, rw, ww = _tile_blocks(lay, 1)
+    r, c, rw, ww = lay.tiles(1)
     S, nw = len(r), -(-tk // 32)
     vals = w.new_empty(S, tn, tk // 2)
     words = torch.empty(S, tn, nw, dtype=torch.int32)
@@ -275,29 +315,10 @@ def _pack_values(w: torch.Tensor, tile_mask: TileMask, lay: Layout):
                 vals[a:b] = torch.gather(t, -1, torch.from_numpy(pos).to(dev)).reshape(b - a, tn, tk // 2)
             words[a:b] = torch.from_numpy(_meta_words(ids, tk))
     words = words.to(dev)
-    sv = _assemble(_regions(vals, r, rw, ww, lay, lambda b, h, wd: b[:h, : wd // 2]),
-                   lay.sv_base, lay.sv_total, w, lay.sv_len)
-    sm = _assemble(_regions(words, r, rw, ww, lay, lambda b, h, wd: b[:h, : -(-wd // 32)]),
-                   lay.sm_base, lay.sm_total, words, lay.sm_len)
+    sv = _place(vals, 1, lay.sv, lay, lambda h, wd: h * (wd // 2), lambda b, h, wd: b[:h, : wd // 2], w)
+    sm = _place(words, 1, lay.sm, lay, lambda h, wd: h * -(-wd // 32), lambda b, h, wd: b[:h, : -(-wd // 32)],
+                words)
     return sv, sm, dv
-
-
-def _regions(blocks, r, rw, ww, lay: Layout, crop):
-    """Per packed row, its blocks at their true size: a run of full-size tiles as one slice,
-    the ragged ones (last tile-column, short tile-row) cropped one by one."""
-    (tn, tk), out = lay.tile, [[] for _ in range(lay.grid[0])]
-    full = (rw == tn) & (ww == tk)
-    j = 0
-    while j < len(r):
-        e = j + 1
-        if full[j]:
-            while e < len(r) and r[e] == r[j] and full[e]:
-                e += 1
-            out[r[j]].append(blocks[j:e])
-        else:
-            out[r[j]].append(crop(blocks[j], int(rw[j]), int(ww[j])).contiguous())
-        j = e
-    return out
 
 
 def _pattern_ids(m4: np.ndarray, width: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -326,71 +347,95 @@ def _meta_words(ids: np.ndarray, tk: int) -> np.ndarray:
 
 
 # ---- unpacking ------------------------------------------------------------------------------
+_I0_BITS = sum(a << (2 * p) for p, (a, _) in enumerate(PATTERNS))
+_I1_BITS = sum(b << (2 * p) for p, (_, b) in enumerate(PATTERNS))
+
+
 def decode_groups(vals: torch.Tensor, words: torch.Tensor, width: int) -> torch.Tensor:
-    """Expand 2:4 rows: kept values [..., width/2] + meta words [..., ceil(width/32)] -> [..., width]."""
+    """Expand 2:4 rows: kept values [..., width/2] + meta words [..., ceil(width/32)] -> [..., width]
+    (device arithmetic only: no table is copied from the host)."""
     dev = vals.device
     g = torch.arange(width // 4, device=dev)
-    w64 = words.to(torch.int64) & 0xFFFFFFFF
-    ids = (w64[..., g // 8] >> (4 * (g % 8))) & 0xF
-    pos = torch.stack([torch.as_tensor(_I0, device=dev)[ids], torch.as_tensor(_I1, device=dev)[ids]], -1)
+    ids = (words.to(torch.int64)[..., g // 8] >> (4 * (g % 8))) & 0xF
+    pos = torch.stack([(_I0_BITS >> (2 * ids)) & 3, (_I1_BITS >> (2 * ids)) & 3], -1)
     out = torch.zeros(vals.shape[:-1] + (width // 4, 4), dtype=vals.dtype, device=dev)
     out.scatter_(-1, pos, vals.reshape(vals.shape[:-1] + (width // 4, 2)))
     return out.reshape(vals.shape[:-1] + (width,))
 
 
-def _blocks(buf: torch.Tensor, start: np.ndarray, rw, cols, full_rows: int, full_cols: int):
-    """[len(start), full_rows, full_cols] blocks of ``buf`` (tile i: ``rw[i]`` x ``cols[i]`` elements
-    at ``start[i]``, zero-padded to the full tile)."""
-    out = buf.new_zeros(len(start), full_rows, full_cols)
-    full = (rw == full_rows) & (cols == full_cols)
-    if full.any():
-        sel = np.flatnonzero(full)
-        step = max(1, _CHUNK_GROUPS * 4 // max(1, full_rows * full_cols))
-        ar = torch.arange(full_rows * full_cols, device=buf.device)
-        for a in range(0, len(sel), step):
-            s = sel[a: a + step]
-            idx = torch.as_tensor(start[s], device=buf.device)[:, None] + ar[None, :]
-            out[torch.as_tensor(s, device=buf.device)] = buf[idx].view(len(s), full_rows, full_cols)
-    for i in np.flatnonzero(~full):
-        h, wd = int(rw[i]), int(cols[i])
-        out[i, :h, :wd] = buf[int(start[i]): int(start[i]) + h * wd].view(h, wd)
-    return out
+def _layout_of(p: PackedWeight) -> Layout:
+    lay = p.aux.get("layout")
+    if lay is None:
+        rows, _ = p.host()
+        lay = p.aux["layout"] = Layout(unpack_tile_kind(p), p.shape, p.tile, rows[:, ROW["orig"]].astype(np.int64),
+                                       p.sparse_vals.element_size())
+    return lay
+
+
+def _starts(lay: Layout, kind: int, kd: _Kind, size) -> np.ndarray:
+    """Start (elements) of every tile of a kind in ``kd``'s buffer, in ``lay.tiles`` order."""
+    r, c, rw, ww = lay.tiles(kind)
+    fullw = ww == lay.tile[1]
+    rank = np.zeros(len(r), np.int64)                   # index among its row's full-width tiles
+    for i in np.unique(r):
+        sel = np.flatnonzero((r == i) & fullw)
+        rank[sel] = np.arange(len(sel))
+    return np.where(fullw, kd.start[r] + rank * size(rw, lay.tile[1]), kd.edge[r])
 
 
 def unpack(p: PackedWeight) -> torch.Tensor:
-    """The masked dense weight (N, K) back from the packed form (exact)."""
+    """The masked dense weight (N, K) back from the packed form (exact).  The full tiles move in one
+    indexed copy per kind (an index kept on the device since ``pack``), the short tile-row and the
+    ragged tile-column tile by tile at offsets known on the host: no host sync, no host-to-device
+    copy, so it may run inside a CUDA-graph capture."""
     (tn, tk), (nN, nK) = p.tile, p.grid
-    lay = Layout(unpack_tile_kind(p), p.shape, p.tile, p.row_order.long(), p.sparse_vals.element_size())
-    full = torch.zeros(nN, nK, tn, tk, dtype=p.dtype, device=p.device)
-    r, c, rw, ww = _tile_blocks(lay, 0)
-    if len(r):
-        start = _starts(lay, r, rw * ww, lay.dv_base)
-        full[torch.as_tensor(lay.order[r], device=p.device), torch.as_tensor(c, device=p.device)] = \
-            _blocks(p.dense_vals, start, rw, ww, tn, tk)
-    r, c, rw, ww = _tile_blocks(lay, 1)
-    if len(r):
-        nw = -(-ww // 32)
-        vals = _blocks(p.sparse_vals, _starts(lay, r, rw * ww // 2, lay.sv_base), rw, ww // 2, tn, tk // 2)
-        words = _blocks(p.sparse_meta, _starts(lay, r, rw * nw, lay.sm_base), rw, nw, tn, -(-tk // 32))
-        full[torch.as_tensor(lay.order[r], device=p.device), torch.as_tensor(c, device=p.device)] = \
-            decode_groups(vals, words, tk)
-    return full.permute(0, 2, 1, 3).reshape(nN * tn, nK * tk)[: p.shape[0], : p.shape[1]]
-
-
-def _starts(lay: Layout, r: np.ndarray, sizes: np.ndarray, bases: np.ndarray) -> np.ndarray:
-    """Start (elements) of every tile listed by (packed row ``r``, in buffer order) of ``sizes``."""
-    sizes = np.asarray(sizes, dtype=np.int64)
-    ends = np.cumsum(sizes)
-    first = np.searchsorted(r, r, side="left")
-    return bases[r] + (ends - sizes) - (ends[first] - sizes[first])
+    lay = _layout_of(p)
+    dev = p.device
+    out = torch.zeros(nN * tn, nK * tk, dtype=p.dtype, device=dev)
+    out4 = out.view(nN, tn, nK, tk)
+    dst = p.aux.get("dst")
+    if dst is None or dst[0].device != dev:
+        dst = p.aux["dst"] = {kind: torch.from_numpy(_full_dst(lay, kind)).to(dev) for kind in (0, 1)}
+    nw = -(-tk // 32)
+    for kind in (0, 1):
+        r, c, rw, ww = lay.tiles(kind)
+        full = (rw == tn) & (ww == tk)
+        rest = np.flatnonzero(~full)
+        n_full = int(full.sum())
+        one_block = lay.dv.uniform if kind == 0 else (lay.sv.uniform and lay.sm.uniform)
+        if n_full and one_block:                        # area A: one [S, tn, .] block, one scatter
+            if kind == 0:
+                blocks = p.dense_vals[: n_full * tn * tk].view(n_full, tn, tk)
+            else:
+                blocks = decode_groups(p.sparse_vals[: n_full * tn * (tk // 2)].view(n_full, tn, tk // 2),
+                                       p.sparse_meta[: n_full * tn * nw].view(n_full, tn, nw), tk)
+            out4[dst[kind] // nK, :, dst[kind] % nK, :] = blocks
+        elif n_full:
+            rest = np.arange(len(r))
+        if not len(rest):
+            continue
+        if kind == 0:
+            st = _starts(lay, 0, lay.dv, lambda h, w: h * w)
+        else:
+            st = _starts(lay, 1, lay.sv, lambda h, w: h * (w // 2))
+            sm = _starts(lay, 1, lay.sm, lambda h, w: h * -(-w // 32))
+        for t in rest:
+            h, w, r0, c0 = int(rw[t]), int(ww[t]), int(lay.order[r[t]]) * tn, int(c[t]) * tk
+            if kind == 0:
+                block = p.dense_vals[int(st[t]): int(st[t]) + h * w].view(h, w)
+            else:
+                q = -(-w // 32)
+                block = decode_groups(p.sparse_vals[int(st[t]): int(st[t]) + h * (w // 2)].view(h, w // 2),
+                                      p.sparse_meta[int(sm[t]): int(sm[t]) + h * q].view(h, q), w)
+            out[r0: r0 + h, c0: c0 + w] = block
+    return out[: p.shape[0], : p.shape[1]]
 
 
 def unpack_tile_kind(p: PackedWeight) -> torch.Tensor:
     """uint8 [nN, nK] tile map in original order."""
+    rows, kidx = p.host()
     nN, nK = p.grid
-    kind = torch.zeros(nN, nK, dtype=torch.uint8)
-    table = p.rows.cpu().long()
-    kidx = p.kidx.cpu().long()
+    kind = np.zeros((nN, nK), np.uint8)
     for i in range(nN):
-        kind[int(table[i, ROW["orig"]]), kidx[i, : int(table[i, ROW["n_s"]])]] = 1
-    return kind
+        kind[rows[i, ROW["orig"]], kidx[i, : rows[i, ROW["n_s"]]]] = 1
+    return torch.from_numpy(kind)

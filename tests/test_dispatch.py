@@ -1,10 +1,10 @@
 """M dispatch end to end: the plan's thresholds, the runner that follows them, one graph for every M.
 
 The dynamic-batch test runs in a child process with ``TRITON_INTERPRET=1`` (Triton must be
-imported with it set): a 4096 -> 1024 fp16 linear whose tile map is all 2:4 with 128x128 tiles,
-planned for an H200 by the real cost model -- hybrid up to M = 64, dense beyond (asserted here
-first, so a change of the model shows up as such; the interpreter runs its 8 x 32 tile steps at
-M = 2 in seconds).  It is compiled once with a dynamic batch dimension (``mark_dynamic``) and
+imported with it set): a 4096 -> 2048 fp16 linear whose tile map is all 2:4 with 128x128 tiles,
+planned for an H200 by the real cost model -- hybrid up to M = 32, dense beyond (asserted here
+first, so a change of the model shows up as such; the interpreter runs its 16 x 32 tiles at M = 2
+in seconds).  It is compiled once with a dynamic batch dimension (``mark_dynamic``) and
 ``kernel="auto"``, the child standing in for a GPU placement (``runtime.uses_kernels`` answers
 yes, as it does for a CUDA weight; the interpreter runs the kernels).  M = 2 must run the
 interpreted kernel and M = 512 the dense dispatch, through the same graph.
@@ -22,7 +22,7 @@ import torch
 from patchc.codegen.layout import DENSE, HybridCandidate, candidate_us, plan_dispatch
 from patchc.codegen.runner import HybridRunner
 
-SHAPE, TILE, DTYPE = (1024, 4096), (128, 128), torch.float16
+SHAPE, TILE, DTYPE = (2048, 4096), (128, 128), torch.float16
 
 
 @pytest.fixture(autouse=True)

@@ -80,7 +80,7 @@ def test_qkv_and_gate_up_are_fused(llama_runs):
     text = str(out[True]["report"])
     assert "fused with" in text and "into one patchc::hybrid_linear call" in text
     names = {k.name for k in out[True]["kernels"]}
-    assert any(name.startswith("hybrid_n128_k64_") for name in names)      # the q/k/v group's kernel
+    assert any("_n128_k64_" in name for name in names)                     # the q/k/v group's kernel
     assert not any("fused" in d.reason for d in out[False]["report"].decisions)
 
 

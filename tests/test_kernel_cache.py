@@ -69,11 +69,21 @@ def test_corrupt_entry_is_regenerated(tmp_path, fresh, damage):
 
 
 def test_generated_module_is_imported_from_its_file(tmp_path, fresh):
+    """GeneratedKernel is plain data (listing needs no Triton); launch imports the file once."""
+    from patchc.codegen.launch import kernel_fn
+    from patchc.codegen.load import load_module
     gk = get_kernel(SPEC, tmp_path)
     other = get_kernel(SPEC, tmp_path / "elsewhere")
-    assert Path(inspect.getsourcefile(gk.module)) == gk.path
-    assert gk.module is not other.module and gk.module.__name__ != other.module.__name__
-    assert getattr(gk.fn, "fn", gk.fn).__name__ == gk.name
+    mod, mod2 = load_module(gk.path), load_module(other.path)
+    assert Path(inspect.getsourcefile(mod)) == gk.path
+    assert mod is not mod2 and mod.__name__ != mod2.__name__ and load_module(gk.path) is mod
+    fn = kernel_fn(gk)
+    assert getattr(fn, "fn", fn).__name__ == gk.name and kernel_fn(gk) is fn
+    code = ("import sys; from patchc.codegen.cache import get_kernel; from patchc.codegen.spec import KernelSpec;"
+            f"gk = get_kernel(KernelSpec.from_dict({SPEC.to_dict()!r}), {str(tmp_path)!r}); gk.summary(); repr(gk);"
+            "assert 'triton' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
 
 
 RACE = textwrap.dedent("""

@@ -30,7 +30,8 @@ def random_mask(n, k, tile, mode, gen):
     return TileMask.from_kinds(tile, kinds.to(torch.uint8), m24).validate()
 
 
-def check_case(n, k, m, tile, mode, dtype, bias, reorder, split_k, blocks, lead=(), strided=False, seed=0):
+def check_case(n, k, m, tile, mode, dtype, bias, reorder, split_k, strategy="mma", bm=16, bn=16, bt=1, bk=0,
+               lead=(), strided=False, seed=0):
     """Pack a random weight, run the generated kernel, compare with F.linear in float64."""
     from patchc.codegen.cache import get_kernel
     from patchc.codegen.launch import launch
@@ -42,13 +43,12 @@ def check_case(n, k, m, tile, mode, dtype, bias, reorder, split_k, blocks, lead=
     b = torch.randn(n, generator=gen).to(dtype) if bias else None
     order = torch.randperm(tm.grid[0], generator=gen) if reorder else None
     packed = pack(w, tm, order)
-    bm, bn, bk = blocks
-    spec = KernelSpec(n=n, k=k, dtype=dtype, tile=tile, block_m=bm, block_n=bn, block_k=bk, split_k=split_k,
-                      bias=bias, interpret=True, input_precision="ieee", num_stages=1)
+    spec = KernelSpec(n=n, k=k, dtype=dtype, tile=tile, strategy=strategy, block_m=bm, block_n=bn, block_k=bk,
+                      block_t=bt, split_k=split_k, bias=bias, interpret=True, input_precision="ieee", num_stages=2)
     gk = get_kernel(spec)
     x = torch.randn(*lead, m, 2 * k if strided else k, generator=gen).to(dtype)
     if strided:
-        x = x[..., ::2]                                   # non-contiguous along K
+        x = x[..., ::2]                                   # non-contiguous along K: the launcher copies it
     y = launch(gk, x, packed, b)
     ref = F.linear(x.double(), (w.double() * tm.mask), None if b is None else b.double())
     assert y.dtype == dtype and y.shape == ref.shape
@@ -88,34 +88,76 @@ if not INTERP:
             compiled(torch.randn(2, 64))
 
 else:
+    import triton
+    import triton.language as tl
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    SETTINGS = settings(max_examples=12, deadline=None, database=None, derandomize=True,
+    SETTINGS = settings(max_examples=14, deadline=None, database=None, derandomize=True,
                         suppress_health_check=list(HealthCheck))
 
     @st.composite
-    def cases(draw):
-        tn, tk = draw(st.sampled_from([(16, 16), (16, 32), (32, 16), (32, 64)]))
-        bn = draw(st.sampled_from([b for b in (16, 32) if tn % b == 0]))
-        bk = draw(st.sampled_from([b for b in (16, 32, 64) if tk % b == 0]))
-        return dict(n=draw(st.integers(1, 3 * tn)), k=draw(st.integers(1, 3 * tk)), m=draw(st.integers(1, 40)),
+    def cases(draw, strategy):
+        tn, tk = draw(st.sampled_from([(16, 16), (16, 32), (32, 16), (32, 64), (8, 32)]))
+        if strategy == "mma":
+            tn = max(tn, 16)
+            bm, bn = draw(st.sampled_from([16, 32])), draw(st.sampled_from([16, 32]))
+            bk = draw(st.sampled_from([b for b in (0, 32) if tk % max(b, 1) == 0 and (b == 0 or b < tk)]))
+        else:
+            bm, bn, bk = draw(st.sampled_from([1, 2, 4])), draw(st.sampled_from([4, 8, 16])), 0
+        k = draw(st.integers(1, 3 * tk))
+        if strategy == "gemv":
+            k += k % 2                                    # 16-bit gemv reads X in pairs
+        return dict(n=draw(st.integers(1, 3 * tn)), k=k, m=draw(st.integers(1, 40 if strategy == "mma" else 9)),
                     tile=(tn, tk), mode=draw(st.sampled_from(["dense", "sparse", "mixed"])),
                     bias=draw(st.booleans()), reorder=draw(st.booleans()), split_k=draw(st.sampled_from([1, 1, 2, 3])),
-                    blocks=(draw(st.sampled_from([16, 32])), bn, bk), strided=draw(st.booleans()),
-                    seed=draw(st.integers(0, 2**16)))
+                    strategy=strategy, bm=bm, bn=bn, bk=bk, bt=draw(st.sampled_from([1, 2, 4])),
+                    strided=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
 
     @SETTINGS
-    @given(cases(), st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
-    def test_hypothesis_cases_match_reference(case, dtype):
+    @given(cases("gemv"), st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    def test_gemv_cases_match_reference(case, dtype):
+        check_case(dtype=dtype, **case)
+
+    @SETTINGS
+    @given(cases("mma"), st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    def test_mma_cases_match_reference(case, dtype):
         check_case(dtype=dtype, **case)
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-    @pytest.mark.parametrize("mode,split_k", [("dense", 1), ("sparse", 2), ("mixed", 4)])
-    def test_fixed_cases(dtype, mode, split_k):
-        """Ragged N/K/M, reordered rows, bias, a 3-D input: every kernel feature at once."""
-        gk = check_case(70, 100, 13, (32, 32), mode, dtype, True, True, split_k, (16, 32, 32), lead=(2,))
-        assert gk.spec.upcast == (dtype == torch.bfloat16)
+    @pytest.mark.parametrize("strategy,mode,split_k", [("mma", "dense", 1), ("mma", "sparse", 2), ("gemv", "mixed", 1),
+                                                       ("gemv", "sparse", 3)])
+    def test_fixed_cases(dtype, strategy, mode, split_k):
+        """Ragged N/K/M (K % 4 == 0 so the ragged column can be 2:4), reordered rows, bias, a 3-D input,
+        BLOCK_T > 1: every kernel feature at once."""
+        bm = 16 if strategy == "mma" else 4
+        gk = check_case(70, 100, 13, (32, 32), mode, dtype, True, True, split_k, strategy, bm, 16, bt=2, lead=(2,))
+        assert gk.spec.upcast == (dtype == torch.bfloat16 and strategy == "mma")
+
+    @triton.jit
+    def _prmt_kernel(a_ptr, s_ptr, c_ptr, o_ptr):
+        r = tl.arange(0, 256)
+        tl.store(o_ptr + r, _prmt_under_test(tl.load(a_ptr + r), tl.load(s_ptr + r), tl.load(c_ptr + r)))  # noqa: F821
+
+    def test_prmt_emulation_matches_the_cpu_model():
+        """The interpreter's prmt (plain Triton) against tables.prmt (a numpy model of the instruction)
+        on random words and every selector the kernels use."""
+        import numpy as np
+
+        from patchc.codegen import tables
+        from patchc.codegen.cache import get_kernel
+        from patchc.codegen.load import load_module
+        from patchc.codegen.spec import KernelSpec
+        globals()["_prmt_under_test"] = load_module(get_kernel(KernelSpec(
+            n=16, k=32, dtype="bf16", tile=(16, 32), block_n=16, interpret=True)).path)._prmt
+
+        rng = np.random.default_rng(0)
+        a, c = (rng.integers(-2**31, 2**31, 256).astype(np.int32) for _ in range(2))
+        sel = rng.integers(0, 8, (256, 4))                            # nibbles without the sign bit
+        s = (sel[:, 0] | sel[:, 1] << 4 | sel[:, 2] << 8 | sel[:, 3] << 12).astype(np.int32)
+        out = torch.empty(256, dtype=torch.int32)
+        _prmt_kernel[(1,)](torch.from_numpy(a), torch.from_numpy(s), torch.from_numpy(c), out)
+        assert np.array_equal(out.numpy(), tables.prmt(a, s, c))
 
     def test_entry_dispatches_by_m_and_to_dense(tmp_path, monkeypatch):
         """An entry whose kernels run (kernel "auto" on CUDA; the device check is what this test
@@ -126,7 +168,8 @@ else:
         from patchc.codegen.runner import HybridRunner
         tm = random_mask(48, 64, (16, 32), "mixed", torch.Generator().manual_seed(3))
         w, b = torch.randn(48, 64), torch.randn(48)
-        ranges = [(8, dict(block_m=16, split_k=2, num_warps=4, num_stages=2)), (None, {"strategy": "dense"})]
+        from patchc.codegen.candidates import Candidate
+        ranges = [(8, Candidate("mma", 16, 16, 1, 4, 2, split_k=2).to_dict()), (None, {"strategy": "dense"})]
         e = runtime.entry_for([w], [tm], [False], ["x"], [True])
         e.runner = HybridRunner(48, 64, torch.float32, (16, 32), ranges=ranges, cache_dir=tmp_path,
                                 input_precision="ieee")
@@ -144,8 +187,9 @@ else:
         assert torch.allclose(e.run(x, [w], [b]).double(), ref(x), atol=1e-4)
         assert patchc.counters["triton_calls"] == before + 1
 
-    def test_empty_input():
-        check_case(32, 32, 0, (16, 16), "mixed", torch.float32, True, False, 1, (16, 16, 16))
+    @pytest.mark.parametrize("strategy", ["gemv", "mma"])
+    def test_empty_input(strategy):
+        check_case(32, 32, 0, (16, 16), "mixed", torch.float32, True, False, 1, strategy, 16 if strategy == "mma" else 1)
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     def test_backend_kernel_triton_tiny_llama(dtype, tmp_path):

@@ -97,3 +97,51 @@ def test_audit_of_the_first_kernel_is_reproduced(tmp_path):
     assert d["issue"] > 1.5 and d["int"] > 2.0      # instruction-bound: 2:4 tiles could not save time
     if version == "3.6":
         assert (round(d["issue"], 2), round(d["int"], 2), round(d["lsu"], 2)) == (2.09, 2.46, 2.97)
+
+
+# ---- budgets of today's decode kernels (bf16 4096x4096 and 11008x4096, sm_90, as launched) -----------
+DECODE = [("gemv", 1, 16, 4, 4, 4), ("mma", 16, 16, 4, 4, 3), ("mma", 16, 32, 2, 4, 3)]
+LIMITS = {"issue": 0.7, "int": 1.0, "lsu": 1.0}          # of the H200's rates, at 4.8 TB/s
+
+
+@pytest.fixture(scope="module")
+def decode_loops(tmp_path_factory):
+    from patchc.codegen.asm import compile_many
+    from patchc.codegen.cache import get_kernel
+    from patchc.codegen.candidates import Candidate
+    root = tmp_path_factory.mktemp("decode")
+    gks = [get_kernel(Candidate(*c).spec(n, 4096, "bf16", (128, 128)), root) for c in DECODE for n in (4096, 11008)]
+    compile_many(gks, ["sm_90"])
+    return [(gk, gk.loops("sm_90"), gk.resources("sm_90")) for gk in gks]
+
+
+@pytest.mark.skipif(sass.cuobjdump_path() is None, reason="cuobjdump is not in the Triton wheel")
+def test_decode_kernels_stream_at_the_memory_limit(decode_loops):
+    """The 2:4 loop of each decode kernel, per 128x128 tile, at 4.8 TB/s: <= 0.7 of the issue rate,
+    <= 1.0 of the integer and load/store pipes; the dense loop is lighter still; loads pipelined
+    (cp.async, >= 2-deep buffers), no scalar 2-byte loads; counts equal the shipped table's."""
+    from patchc.codegen import counts
+    h200 = load_device("h200")
+    for gk, loops, res in decode_loops:
+        s = gk.spec
+        assert len(loops) == 2 and res["pipeline_depth"] >= 2 and res["spill_stores"] == 0, gk.name
+        per_iter = s.num_warps * (128 // s.block_n) / s.block_t          # warp-iterations per tile
+        for lp, tile_bytes in zip(loops, (128 * 128 * 1.125, 128 * 128 * 2)):
+            per_tile = {p: lp["pipes"][p] * per_iter for p in ("int", "lsu")} | {"issue": lp["instructions"] * per_iter}
+            d = h200.demand(per_tile, tile_bytes)
+            assert all(d[p] <= LIMITS[p] for p in LIMITS), (gk.name, d)
+            assert not any(op.startswith("LDG.E.U16") for op in lp["loads"]), (gk.name, lp["loads"])
+            assert any(op.startswith("LDGSTS") for op in lp["loads"]), gk.name
+        shipped = counts.shipped().get(counts.key(s, 90))
+        if shipped is not None:   # this Triton's counts are shipped (for a representative N, K: within 2 %)
+            assert loops[0]["instructions"] == pytest.approx(shipped["s"]["instructions"], rel=0.02), gk.name
+            assert loops[1]["instructions"] == pytest.approx(shipped["d"]["instructions"], rel=0.02), gk.name
+
+
+@pytest.mark.skipif(sass.cuobjdump_path() is None, reason="cuobjdump is not in the Triton wheel")
+def test_decode_grids_fill_the_sms(decode_loops):
+    from patchc.codegen.launch import grid
+    for gk, _, _ in decode_loops:
+        if gk.spec.strategy == "gemv" or gk.spec.block_n == 16:
+            g = grid(gk.spec, 1)
+            assert g[0] * g[1] * g[2] >= 132, gk.name
