@@ -83,6 +83,21 @@ def _edge_bases(c, sv_unit: int, dv_unit: int) -> list:
             f"dve = dense_vals_ptr + tl.load(rec + {c['R_D_EVALS']}).to(tl.int64) * {dv_unit}"]
 
 
+def _meta(spec, c, b: str, tile, base: str, wpr: int, off: int, W: int, G: int, masked: bool, kind: str) -> list:
+    """``grp`` [W, G], the metadata words ``wd`` of a step (over ``b`` + "NW"; ``b`` = "T" or "")
+    and from them the selectors (16 bit: ``kind`` "pick" / "expand") or the pattern ids ``t``
+    (fp32); ``off`` words into the tile row."""
+    t_ok = _ix("t_ok", "T", b + "NW") if masked else ""
+    out = [f"grp = tl.arange(0, {W})[:, None] * {G} + tl.arange(0, {G})[None, :]  # group of a tile row",
+           f"wd = tl.load({base}{_tile(tile, b, b + 'NW', -(-c['TK'] // 32))} + {_ix('rl', 'N', b + 'NW')} * {wpr}"
+           f"{f' + {off}' if off else ''} + {_ix(f'tl.arange(0, {W})', 'W', b + 'NW')},",
+           f"             mask={_and(t_ok, _ix('n_ok', 'N', b + 'NW'))}, other=0)"]
+    if spec.dtype == "fp32":
+        return out + [f"t = {_ix('wd', b + 'NW', b + 'NWG')} >> {_ix(f'(tl.arange(0, {G}) * 4)', 'G', b + 'NWG')}"
+                      "  # pattern id in nibble 0"]
+    return out + _selectors(c, b + "NW", W, G, kind)
+
+
 def prologue(spec, c) -> list:
     out = [
         "pid_n = tl.program_id(0)",
@@ -155,17 +170,8 @@ def _gemv_sparse(spec, c, ragged: bool) -> list:
     tile = None if ragged else "tj"
     sm, sv = ("sme", "sve") if ragged else ("sm", "sv")          # the ragged tile has its own region
     kt = str(c["NK"] - 1) if ragged else "kt"
-    t_ok = "" if ragged else _ix("t_ok", "T", "T" + "NW")
     gm = f"(grp < {ng})" if W * G != ng else ""
-    out = [f"grp = tl.arange(0, {W})[:, None] * {G} + tl.arange(0, {G})[None, :]  # group of a tile row",
-           f"wd = tl.load({sm}{_tile(tile, sv_t, sv_t + 'NW', -(-tk // 32))} + {_ix('rl', 'N', sv_t + 'NW')}"
-           f" * {wpr} + {_ix(f'tl.arange(0, {W})', 'W', sv_t + 'NW')},",
-           f"             mask={_and(t_ok, _ix('n_ok', 'N', sv_t + 'NW'))}, other=0)"]
-    if spec.dtype == "fp32":
-        out += [f"t = {_ix('wd', sv_t + 'NW', sv_t + 'NWG')} >> {_ix(f'(tl.arange(0, {G}) * 4)', 'G', sv_t + 'NWG')}"
-                "  # pattern id in nibble 0"]
-    else:
-        out += _selectors(c, sv_t + "NW", W, G, "pick")
+    out = _meta(spec, c, sv_t, tile, sm, wpr, 0, W, G, not ragged, "pick")
     vmask = _and(_ix("t_ok", "T", sv_t + "NWG") if not ragged else "", _ix("n_ok", "N", sv_t + "NWG"),
                  _ix(gm, "WG", sv_t + "NWG") if gm else "")
     xmask = _and(_ix("t_ok", "T", sv_t + "MWGP") if not ragged else "", _ix("m_ok", "M", sv_t + "MWGP"),
@@ -299,19 +305,10 @@ def _mma_sparse(spec, c, kk: int, ragged: bool) -> list:
     gm = f"(grp < {ng})" if W * G != ng else ""
     cm = f"(tl.arange(0, {bk}) < {width})" if bk != width else ""
     t_ok = (lambda axes: _ix("t_ok", "T", axes)) if batched else (lambda axes: "")
-    out = [f"grp = tl.arange(0, {W})[:, None] * {G} + tl.arange(0, {G})[None, :]",
-           f"xb = tl.load(x_ptr + {_ix('rm64', 'M', b + 'MK')} * {c['K']} + {_ix(kt, b, b + 'MK')} * {tk} + {kk}"
+    out = [f"xb = tl.load(x_ptr + {_ix('rm64', 'M', b + 'MK')} * {c['K']} + {_ix(kt, b, b + 'MK')} * {tk} + {kk}"
            f" + {_ix(f'tl.arange(0, {bk})', 'K', b + 'MK')},",
            f"             mask={_and(t_ok(b + 'MK'), _ix('m_ok', 'M', b + 'MK'), _ix(cm, 'K', b + 'MK') if cm else '')},"
-           " other=0.0)",
-           f"wd = tl.load({sm}{_tile(tile, b, b + 'NW', -(-tk // 32))} + {_ix('rl', 'N', b + 'NW')} * {wpr}"
-           f" + {kk // 32} + {_ix(f'tl.arange(0, {W})', 'W', b + 'NW')},",
-           f"             mask={_and(t_ok(b + 'NW'), _ix('n_ok', 'N', b + 'NW'))}, other=0)"]
-    if spec.dtype == "fp32":
-        out += [f"t = {_ix('wd', b + 'NW', b + 'NWG')} >> {_ix(f'(tl.arange(0, {G}) * 4)', 'G', b + 'NWG')}"
-                "  # pattern id in nibble 0"]
-    else:
-        out += _selectors(c, b + "NW", W, G, "expand")
+           " other=0.0)"] + _meta(spec, c, b, tile, sm, wpr, kk // 32, W, G, batched, "expand")
     if spec.dtype != "fp32":
         out += [f"vp = tl.load({sv}{_tile(tile, b, b + 'NWG', tk // 4)} + {_ix('rl', 'N', b + 'NWG')} * {gpr}"
                 f" + {kk // 4} + {_ix('grp', 'WG', b + 'NWG')},",

@@ -154,12 +154,12 @@ class KernelSpec:
 
 @functools.lru_cache(maxsize=None)
 def codegen_hash() -> str:
-    """sha256 of the codegen files that affect rendering (``RENDER_SOURCES``) and the packed format."""
+    """sha256 of the codegen files that affect rendering (``RENDER_SOURCES``) and the packed format's."""
     h = hashlib.sha256()
     import importlib.util
     here = Path(__file__).resolve().parent
-    packing = Path(importlib.util.find_spec("patchc.packing").origin)
-    for path in [here / name for name in RENDER_SOURCES] + [packing]:
+    fmt = [Path(importlib.util.find_spec(f"patchc.{m}").origin) for m in ("packing", "packformat", "packlayout")]
+    for path in [here / name for name in RENDER_SOURCES] + fmt:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]

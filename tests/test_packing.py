@@ -133,3 +133,25 @@ def test_pack_rejects_bad_order_and_shape():
         pack(torch.randn(8, 8), tm, torch.tensor([0, 0]))
     with pytest.raises(ValueError, match="does not match its mask"):
         pack(torch.randn(8, 4), tm)
+
+
+def test_unpack_reads_nothing_back_from_the_device(monkeypatch):
+    """unpack of a weight made by pack needs no device-to-host read (.cpu / .numpy / .item / .tolist)
+    nor a host-to-device copy of index data, so it may run inside a CUDA-graph capture; the 2:4
+    tiles still decode exactly."""
+    g = torch.Generator().manual_seed(1)
+    n, k, tile = 300, 200, (64, 64)                                 # a short tile-row and a ragged column
+    kind = ((torch.rand(5, 4, generator=g) < 0.6) & sparse_allowed(tile, (n, k))).to(torch.uint8)
+    tm = TileMask.from_kinds(tile, kind, mask24_from_scores(torch.rand(n, k, generator=g)))
+    w = torch.randn(n, k, generator=g).half()
+    p = pack(w, tm, balanced_row_order(kind))
+    want = w * tm.mask.half()
+
+    def forbidden(*a, **k):
+        raise AssertionError("unpack read data back from the device")
+    for name in ("cpu", "numpy", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    monkeypatch.setattr(torch, "from_numpy", forbidden)
+    got = unpack(p)
+    monkeypatch.undo()
+    assert torch.equal(got, want)
