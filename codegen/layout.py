@@ -228,6 +228,11 @@ def choose_layout(tile_mask, m: int, dtype, device=None, n_alternatives: int = 8
                       breakdown=d.to_dict(), **common)
 
 
+def _sm_load(p: Prediction) -> float:
+    """The busiest SM resource's µs (not DRAM): what is left of a kernel's headroom under DRAM."""
+    return max(v for k, v in p.terms.items() if k.endswith("_us") and k not in ("dram_us", "fixed_us"))
+
+
 def _plan_ranges(site: _Site, m_max: int, max_hybrid: int) -> tuple[str, str, tuple]:
     g = _grid(m_max)
     wt = np.diff(np.log(np.append(g, g[-1] + 1)))       # log-uniform in M: every octave counts the same
@@ -247,6 +252,16 @@ def _plan_ranges(site: _Site, m_max: int, max_hybrid: int) -> tuple[str, str, tu
             i = int(np.argmax(gain))
             if gain[i] < 1e-3 * wt.sum():    # < 0.1 % mean improvement: not worth another kernel variant
                 break
+            chosen.append(i)
+            cur = np.minimum(cur, H[i])
+        # decode (M = 1) is the most common M: when a free slot is left and the chosen miss the best
+        # kernel there, add the one of the (near-)best at M = 1 that gains most over the grid
+        near = np.flatnonzero(H[:, 0] <= H[:, 0].min() * (1 + 1e-3))
+        if chosen and len(chosen) < max_hybrid and cur[0] > H[:, 0].min() * (1 + 1e-4) and len(near):
+            log_cur = np.log(cur / best)
+            gain = log_cur @ wt - np.where(H[near] < cur, log_h[near], log_cur) @ wt
+            tied = near[gain >= gain.max() - 1e-6 * wt.sum()]
+            i = int(min(tied, key=lambda j: _sm_load(site.hybrid(site.cands[j], 1))))   # the most headroom
             chosen.append(i)
             cur = np.minimum(cur, H[i])
     if not chosen:
