@@ -28,11 +28,6 @@ class GeneratedKernel:
         """Readable name: strategy, shape, dtype, blocks (also the Triton function's name)."""
         return self.spec.name
 
-    def __call__(self, x, packed, bias=None):
-        """Launch on ``(x, packed, bias)`` on x's device (``launch.launch``)."""
-        from .launch import launch
-        return launch(self, x, packed, bias)
-
     def asm(self, target: str = "sm_90", kind: str = "ptx") -> str:
         """The kernel compiled for a GPU ``target`` ("sm_80", "sm_90", ...) exactly as a launch
         specialises it (``args.sample_args``), without a GPU: ``kind`` is one of ttir, ttgir,

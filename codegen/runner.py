@@ -68,12 +68,26 @@ class HybridRunner:
     def index(self, m: int) -> int:
         return next(i for i, (hi, _) in enumerate(self.ranges) if hi is None or m <= hi)
 
-    def _candidate(self, i: int, m: int) -> Candidate:
+    def _bounds(self, i: int) -> tuple[int, Optional[int]]:
+        return (self.ranges[i - 1][0] + 1 if i else 1), self.ranges[i][0]
+
+    def _planned(self, i: int) -> bool:
         params = self.ranges[i][1]
-        if params and not _is_dense(params):
-            return Candidate.from_dict(params)
-        lo = self.ranges[i - 1][0] + 1 if i else 1      # one kernel per range: chosen for its first M
-        return default_candidate(lo, self.dtype, self.tile)
+        return bool(params) and not _is_dense(params)
+
+    def _rep_m(self, i: int, m: int) -> int:
+        """The M a default candidate is chosen for: the upper end of m's ``M_BUCKETS`` bucket (4096
+        when open), clipped to range i -- so a long dense range forced to Triton still runs a few
+        rows per program at decode and mma blocks beyond."""
+        lo, hi = self._bounds(i)
+        b = next(b for b in M_BUCKETS if b is None or m <= b)
+        rep = max(lo, b if b is not None else 4096)
+        return min(hi, rep) if hi is not None else rep
+
+    def _candidate(self, i: int, m: int) -> Candidate:
+        if self._planned(i):
+            return Candidate.from_dict(self.ranges[i][1])
+        return default_candidate(self._rep_m(i, m), self.dtype, self.tile)
 
     def _kernel(self, i: int, m: int, bias: bool, interpret: bool, force: bool) -> Optional[GeneratedKernel]:
         params = self.ranges[i][1]
@@ -104,7 +118,9 @@ class HybridRunner:
     def kernels(self, bias: bool, interpret: bool, force: bool = False) -> list[GeneratedKernel]:
         """Every distinct kernel of the ranges (generated now), in M order."""
         out = []
-        for i, (hi, _) in enumerate(self.ranges):
-            lo = self.ranges[i - 1][0] + 1 if i else 1
-            out.append(self._kernel(i, lo, bias, interpret, force or self.force))
+        for i in range(len(self.ranges)):
+            lo, hi = self._bounds(i)
+            reps = {lo} if self._planned(i) else {self._rep_m(i, m) for m in (lo, 5, 65, hi or 4096)
+                                                  if m >= lo and (hi is None or m <= hi)}
+            out += [self._kernel(i, m, bias, interpret, force or self.force) for m in sorted(reps)]
         return list({id(g): g for g in out if g is not None}.values())

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .codegen.launch import launch
 from .stats import counters
 from .maskops import apply_mask, cat_rows, holds_masked
 from .packing import PackedWeight, pack, unpack
@@ -108,12 +109,10 @@ class Entry:
         with torch.no_grad(), counters.timed("pack_seconds"):
             w = cat_rows([m.oriented(x) for m, x in zip(self.members, weights)]) if len(weights) > 1 \
                 else self.members[0].oriented(weights[0])
-            fresh = pack(w, self.tile_mask, self.row_order)
-            if self.packed is not None and _same_layout(self.packed, fresh):
-                for name, buf in self.packed.buffers().items():
-                    buf.copy_(getattr(fresh, name))
-            else:
-                self.packed = fresh
+            try:        # same tile map and row order: in place (packing.pack(out=))
+                self.packed = pack(w, self.tile_mask, self.row_order, out=self.packed)
+            except ValueError:
+                self.packed = pack(w, self.tile_mask, self.row_order)
         self._packed_stamp = _stamp(weights)
         counters["packs"] += 1
         return self.packed
@@ -215,15 +214,8 @@ class Entry:
         path, kernel = choose_path(self, x, bias is not None)
         counters[_PATH_COUNTER[path]] += n
         if path == TRITON:
-            return kernel(x, self.packed_for(weights), bias)
+            return launch(kernel, x, self.packed_for(weights), bias)
         return self.dense_linear(x, weights, bias)
-
-
-def _same_layout(a: PackedWeight, b: PackedWeight) -> bool:
-    ba, bb = a.buffers(), b.buffers()
-    return all(ba[k].shape == bb[k].shape and ba[k].dtype == bb[k].dtype and ba[k].device == bb[k].device
-               and (k not in ("row_order", "sparse_off", "dense_off", "sparse_kidx", "dense_kidx")
-                    or torch.equal(ba[k], bb[k])) for k in ba)
 
 
 # ---- the path of a call ----------------------------------------------------------------------------
