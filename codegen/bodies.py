@@ -67,7 +67,7 @@ def _selectors(c, words: str, W: int, G: int, kind: str) -> list:
     shape = ", ".join(str(sizes[a]) for a in words + "G")
     axh, axq = words + "H", words + "HQ"
     out = [f"h = {_ix('wd', words, axh)} >> {_ix(f'(tl.arange(0, {H}) * 16)', 'H', axh)}  # 4 pattern ids per half-word"]
-    comb = f"(tl.arange(0, {Q}) | ((tl.arange(0, {Q}) + 4) << 4))"
+    comb = f"(tl.arange(0, {Q}) | ((tl.arange(0, {Q}) + 4) << 4))"     # tables.combine(q)
 
     def sel(name, tab_a, tab_b):
         look = lambda tab: _ix(f"_prmt({tab[0]}, h, {tab[1]})", axh, axq)  # noqa: E731

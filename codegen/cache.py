@@ -37,10 +37,6 @@ def kernel_dir(cache_dir: Union[str, os.PathLike, None] = None) -> Path:
     return cache_root(cache_dir) / "kernels"
 
 
-def entry_dir(spec: KernelSpec, cache_dir=None) -> Path:
-    return kernel_dir(cache_dir) / spec.name / spec.key()
-
-
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

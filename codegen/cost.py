@@ -31,7 +31,7 @@ from patchc.dtypes import ELT_BYTES
 from patchc.types import grid_of
 
 from .candidates import Candidate
-from .counts import LoopCounts, get_counts
+from .counts import LoopCounts
 from .devices import DeviceSpec, dtype_key
 
 PIPES = ("int", "fp", "lsu", "tensor")
@@ -224,13 +224,6 @@ class HybridModel:
         return Prediction(self.fixed + terms[bound], {"fixed_us": self.fixed, **terms, "bound_by": bound[:-3],
                                                       "programs": self.p.n * nm, "resident": resident,
                                                       "occupancy": self.occ, "counts": self.lc.source})
-
-
-def predict_hybrid(w: Weight, c: Candidate, m: int, dev: DeviceSpec, lc: LoopCounts = None) -> Prediction:
-    """Predicted µs of the generated kernel ``c`` at M = m, with its terms (inf when it does not fit)."""
-    if lc is None:
-        lc = get_counts(c.spec(w.shape[0], w.shape[1], w.dtype, w.tile), int(dev.arch))
-    return HybridModel(w, c, dev, lc).terms(m)
 
 
 def _dense_terms(shape, dtype, ms, dev: DeviceSpec):

@@ -2,8 +2,9 @@
 
 A loop iteration's instructions depend on the strategy, dtype, tile, blocks, warps, stages, K's
 divisibility by 16, the GPU target and the Triton version; N and K change how many iterations run
-(and, through immediate operands and scheduling, a loop's count by a percent or so).  So the cost model reads, per candidate, one ``LoopCounts`` (warp-instructions per
-iteration of the 2:4 and dense loops, per pipe; registers, shared memory, pipeline depth), found:
+(and, through immediate operands and scheduling, a loop's count by a percent or so).  So the cost
+model reads, per candidate, one ``LoopCounts`` (warp-instructions per iteration of the 2:4 and
+dense loops, per pipe; registers, shared memory, pipeline depth), found:
 
 1. in this process's memo;
 2. in ``sass_table.TABLE``, shipped with patchc for the planner's candidates (bf16 / fp16, 128x128

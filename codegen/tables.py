@@ -11,17 +11,23 @@ picks byte k of d among the 8 bytes of (a, c) (0-3: a, 4-7: c; bit 3 would repli
 * expand (tensor-core path): positions 0-1 of the dense group are ``prmt(vp, S_lo, 0)``, 2-3 are
   ``prmt(vp, S_hi, 0)``; a position takes the byte pair 0-1 (v0), 2-3 (v1) or 4-5 (zero).
 
-A selector is found from the pattern id with one ``prmt`` per byte used as a table lookup: with
-the meta word shifted so the id is nibble 0, ``prmt(T_A, t, T_C)`` has byte 0 = byte p of the
-8-byte table (T_A, T_C) (bytes 1-3 read other groups' nibbles and are never used); a second
-``prmt(l0, 0x40, l1)`` puts the two looked-up bytes side by side.  The tables below are those
-8-byte tables as (T_A, T_C) int32 pairs; ``prmt`` is a faithful numpy model of the instruction.
+Selectors come from the pattern ids with ``prmt`` used as a table lookup, 4 groups at a time: a
+meta word holds 8 ids (nibble g: group g); with h = word >> 16 hh (half-word hh), ``prmt(T_A, h,
+T_C)`` has byte q = byte (nibble q of h) of the 8-byte table (T_A, T_C), i.e. the table entry of
+group 4 hh + q; one more ``prmt(l0, combine(q), l1)`` per group puts byte q of two lookups side by
+side (the two bytes of a 16-bit element's selector).  The tables below are those 8-byte tables
+as (T_A, T_C) int32 pairs; ``prmt`` is a faithful numpy model of the instruction and
+``selectors`` the kernels' computation on it (``bodies._selectors`` renders the same steps).
 """
 from __future__ import annotations
 
 from patchc.packformat import PATTERNS
 
-COMBINE = 0x0040            # prmt(l0, COMBINE, l1): byte 0 of l0, then byte 0 of l1
+
+
+def combine(q: int) -> int:
+    """The selector of ``prmt(l0, ., l1)`` = byte q of l0, then byte q of l1."""
+    return q | (q + 4) << 4
 
 
 def _pair(*byte_values) -> tuple[int, int]:
@@ -66,17 +72,25 @@ def prmt(a, sel, c):
     return out.astype(np.uint32).astype(np.int32)
 
 
-def lookup(table: tuple[int, int], t):
-    """Byte 0 of ``prmt(table, t)``: the table byte at the pattern id in nibble 0 of ``t``."""
-    return prmt(table[0], t, table[1])
+def selectors(words, tab_lo: tuple[int, int], tab_hi: tuple[int, int]):
+    """int32 [..., 8]: per group g of each meta word of ``words``, the selector whose low byte is
+    ``tab_lo``'s entry and whose high byte is ``tab_hi``'s entry for the group's pattern id."""
+    import numpy as np
+    words = np.asarray(words, dtype=np.int32)
+    out = []
+    for hh in range(2):
+        h = words >> (16 * hh)                                    # arithmetic, as in the kernels
+        lo, hi = prmt(tab_lo[0], h, tab_lo[1]), prmt(tab_hi[0], h, tab_hi[1])
+        out += [prmt(lo, combine(q), hi) for q in range(4)]
+    return np.stack(out, axis=-1)
 
 
-def pick_selector(t):
-    """The ``prmt`` selector picking (x[i0], x[i1]) for the pattern id in nibble 0 of ``t``."""
-    return prmt(lookup(PICK_LO, t), COMBINE, lookup(PICK_HI, t))
+def pick_selectors(words):
+    """[..., 8] ``prmt`` selectors picking (x[i0], x[i1]) of every group of the words."""
+    return selectors(words, PICK_LO, PICK_HI)
 
 
-def expand_selectors(t):
-    """(S_lo, S_hi) selectors expanding a value pair to dense positions (0, 1) and (2, 3)."""
-    l0, l1, l2, l3 = (lookup(tab, t) for tab in EXPAND)
-    return prmt(l0, COMBINE, l1), prmt(l2, COMBINE, l3)
+def expand_selectors(words):
+    """([..., 8], [..., 8]) selectors expanding each group's value pair to dense positions (0, 1)
+    and (2, 3)."""
+    return selectors(words, EXPAND[0], EXPAND[1]), selectors(words, EXPAND[2], EXPAND[3])
