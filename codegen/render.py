@@ -72,7 +72,7 @@ def _helpers(spec: KernelSpec) -> str:
     opaque = ("    return w" if spec.interpret else
               # an opaque copy: Triton picks the tensor-core operand width from the ops feeding the
               # dot and halves it after a join (8-bit, 4 per register: ldmatrix unusable); stopping
-              # its walk here keeps 16-bit operands (triton 3.6 / 3.7)
+              # its walk here keeps 16-bit operands (triton 3.6 - 3.8)
               "    return tl.inline_asm_elementwise(\"mov.b32 $0, $1;\", \"=r,r\", [w], dtype=" + et
               + ", is_pure=False, pack=2)")
     out += ["", "@triton.jit", "def _dense_tile(lo, hi):",
