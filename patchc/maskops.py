@@ -65,7 +65,8 @@ def concat_masks(masks) -> TileMask:
     # whole bytes: concatenate the bits; the statistics follow from the members' (valid members
     # make a valid concatenation)
     bits = cat_rows([m.bits[: m.shape[0] * m.shape[1] // 8] for m in masks])
-    out = TileMask(tile, kind, bits=bits, shape=(sum(m.shape[0] for m in masks), masks[0].shape[1]))
+    out = TileMask(tile, kind, bits=bits, shape=(sum(m.shape[0] for m in masks), masks[0].shape[1]),
+                   validate=False)             # checked below from the members' validity
     out._cache.update(fp=mask_fingerprint(out.tile, out.shape, kind, bits.numpy()),
                       pruned=sum(m.pruned() for m in masks))
     if all(m._cache.get("valid") for m in masks):

@@ -12,12 +12,13 @@ from torch import nn
 
 from .files import atomic_path
 from .modules import fingerprint, is_linear, oriented_weight, select_linears
-from .types import DENSE, SPARSE24, TileMask, expand_tiles, grid_of, sparse_allowed
+from .types import DENSE, SPARSE24, TileMask, check_tile, expand_tiles, grid_of, sparse_allowed
 
 log = logging.getLogger("patchc")
 
 FORMAT = "patchc.maskplan"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                    # 2: compact 2:4 codes (patchc.maskcodes); 1: a bit per weight
+READ_VERSIONS = (1, 2)
 
 
 class MaskPlanError(ValueError):
@@ -25,13 +26,18 @@ class MaskPlanError(ValueError):
 
 
 class MaskPlan(Mapping):
-    """A read-only mapping ``module FQN -> TileMask`` with ``.meta`` (tile, method, fingerprint…)."""
+    """A read-only mapping ``module FQN -> TileMask`` with ``.meta`` (tile, method, fingerprint…).
+
+    Every entry is validated when the plan is built (``MaskPlanError`` naming the layer, the tile
+    and the group at fault), again before ``save`` (a mask edited in place since is caught), and
+    when a file is loaded."""
 
     def __init__(self, masks: Mapping[str, TileMask], meta: Optional[dict] = None):
         self._masks = dict(masks)
         for k, v in self._masks.items():
             if not isinstance(v, TileMask):
                 raise TypeError(f"plan entry {k!r} is a {type(v).__name__}, expected TileMask")
+        self.validate()
         self.meta = dict(meta or {})
         if self._masks and "tile" not in self.meta:
             self.meta["tile"] = list(next(iter(self._masks.values())).tile)
@@ -63,8 +69,15 @@ class MaskPlan(Mapping):
                 for name, m in self._masks.items()}
 
     def validate(self) -> "MaskPlan":
+        """Check every mask (``patchc.tiles.check_mask``, cached per mask until it is edited);
+        ``MaskPlanError`` names the layer, the tile and the group at fault."""
         for name, m in self._masks.items():
-            m.validate(name)
+            try:
+                m.validate(name)
+            except MaskPlanError:
+                raise
+            except ValueError as exc:
+                raise MaskPlanError(str(exc)) from None
         return self
 
     def validate_against(self, model: nn.Module) -> "MaskPlan":
@@ -86,82 +99,52 @@ class MaskPlan(Mapping):
         return self
 
     # ---- files -----------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> str:
-        """Write one ``.safetensors`` file: per layer ``<fqn>.tile_kind`` (uint8) and ``<fqn>.mask``
-        (bit-packed uint8), JSON metadata in the header.  Atomic (temp file + rename)."""
+    def save(self, path: str | os.PathLike, encoding: str = "codes") -> str:
+        """Write one ``.safetensors`` file (no pickle): per layer ``<fqn>.tile_kind`` (uint8) and
+        ``<fqn>.codes`` (``encoding="codes"``, format version 2: dense tiles cost nothing, each
+        group of a 2:4 tile one 4-bit code, see ``patchc.maskcodes``) or ``<fqn>.mask`` (``"bits"``,
+        version 1: one bit per weight, what patchc before version 2 reads); JSON metadata in the
+        header.  The plan is validated first; the write is atomic (temp file + rename), mode 0644."""
         from safetensors.torch import save_file
 
+        from . import maskcodes
+
+        if encoding not in ("codes", "bits"):
+            raise ValueError(f"encoding must be 'codes' or 'bits', got {encoding!r}")
+        self.validate()
         path = os.fspath(path)
         tensors, entries = {}, {}
         for name, m in self._masks.items():
             tensors[f"{name}.tile_kind"] = m.tile_kind.contiguous()
-            tensors[f"{name}.mask"] = m.bits.contiguous()
             entries[name] = {"shape": list(m.shape), "tile": list(m.tile)}
-        header = {"format": FORMAT, "version": FORMAT_VERSION, "meta": self.meta, "entries": entries}
+            if encoding == "codes":
+                tensors[f"{name}.codes"], entries[name]["groups"] = maskcodes.encode(m)
+            else:
+                tensors[f"{name}.mask"] = m.bits.contiguous()
+        header = {"format": FORMAT, "version": 2 if encoding == "codes" else 1, "meta": self.meta,
+                  "entries": entries}
+        if encoding == "codes":
+            header["encoding"] = maskcodes.DESCRIPTION
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata={"patchc": json.dumps(header)})
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, validate: bool = True) -> "MaskPlan":
-        """Read a plan written by ``save``; errors name the file and what is wrong."""
-        from safetensors import safe_open
-
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise MaskPlanError(f"{path}: no such mask file")
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:  # safetensors raises its own error types
-            raise MaskPlanError(f"{path}: not a readable safetensors mask file ({exc})") from exc
-        if "patchc" not in meta:
-            raise MaskPlanError(f"{path}: safetensors header has no 'patchc' metadata; not a patchc mask file")
-        try:
-            header = json.loads(meta["patchc"])
-        except json.JSONDecodeError as exc:
-            raise MaskPlanError(f"{path}: 'patchc' header is not valid JSON ({exc})") from exc
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise MaskPlanError(f"{path}: header format is {header.get('format') if isinstance(header, dict) else header!r}, "
-                                f"expected {FORMAT!r}")
-        if header.get("version") != FORMAT_VERSION:
-            raise MaskPlanError(f"{path}: mask file version {header.get('version')!r}; this patchc reads version {FORMAT_VERSION}")
-        entries = header.get("entries")
-        if not isinstance(entries, dict):
-            raise MaskPlanError(f"{path}: header has no 'entries' table")
-        masks = {}
-        for name, e in entries.items():
-            try:
-                shape, tile = tuple(int(x) for x in e["shape"]), tuple(int(x) for x in e["tile"])
-                kind, bits = tensors[f"{name}.tile_kind"], tensors[f"{name}.mask"]
-            except (KeyError, TypeError, ValueError) as exc:
-                raise MaskPlanError(f"{path}: entry {name!r} is incomplete ({exc!r})") from exc
-            if kind.dtype != torch.uint8 or bits.dtype != torch.uint8:
-                raise MaskPlanError(f"{path}: entry {name!r} tensors must be uint8")
-            if bits.numel() != (shape[0] * shape[1] + 7) // 8:
-                raise MaskPlanError(f"{path}: entry {name!r} mask has {bits.numel()} bytes, "
-                                    f"expected {(shape[0] * shape[1] + 7) // 8} for shape {shape}")
-            try:
-                masks[name] = TileMask(tile, kind, bits=bits, shape=shape).adopt_bits(bits)
-            except ValueError as exc:
-                raise MaskPlanError(f"{path}: entry {name!r}: {exc}") from exc
-        plan = cls(masks, header.get("meta") or {})
-        if validate:
-            try:
-                plan.validate()
-            except ValueError as exc:
-                raise MaskPlanError(f"{path}: {exc}") from exc
-        return plan
+    def load(cls, path: str | os.PathLike) -> "MaskPlan":
+        """Read a plan written by ``save`` (either format version); every mask is validated and
+        errors name the file, the layer and what is wrong."""
+        from .planfile import read_plan
+        return read_plan(cls, path)
 
 
 # ---- building plans from weights -------------------------------------------------------------
-def mask_from_zeros(w: torch.Tensor, tile=(128, 128)) -> TileMask:
+def mask_from_zeros(w: torch.Tensor, tile=(128, 128), name: Optional[str] = None) -> TileMask:
     """A TileMask from the zeros already in ``w`` (out, in).
 
     A tile is 2:4 iff every group of 4 along K has <= 2 non-zeros; its mask keeps exactly 2 per
     group, preferring the non-zeros (then the lowest positions).
     """
+    tile = check_tile(tile, name=name)
     w = w.detach()
     n, k = w.shape
     nz = w != 0
@@ -182,13 +165,14 @@ def mask_from_zeros(w: torch.Tensor, tile=(128, 128)) -> TileMask:
     keep = torch.zeros_like(g).scatter_(-1, top2, True).reshape(n, k4)
     mask24 = torch.ones(n, k, dtype=torch.bool)
     mask24[:, :k4] = keep
-    return TileMask.from_kinds(tile, tile_ok.to(torch.uint8), mask24)
+    return TileMask.from_kinds(tile, tile_ok.to(torch.uint8), mask24, name=name)
 
 
 def infer_plan(model: nn.Module, tile=(128, 128), include=None, exclude=None) -> MaskPlan:
     """Build a plan from the zeros already in the weights of the model's linears."""
+    tile = check_tile(tile)
     mods = select_linears(model, include, exclude)
-    masks = {name: mask_from_zeros(oriented_weight(m), tile) for name, m in mods.items()}
+    masks = {name: mask_from_zeros(oriented_weight(m), tile, name) for name, m in mods.items()}
     return MaskPlan(masks, {"tile": list(tile), "method": "inferred", "fingerprint": fingerprint(model, mods)})
 
 

@@ -13,7 +13,8 @@ from torch import nn
 
 from .modules import fingerprint, oriented_weight, select_linears
 from .plan import MaskPlan
-from .types import TileMask, expand_tiles, grid_of, sparse_allowed
+from .tiles import check_tile, tile_sizes  # noqa: F401 (tile_sizes: imported from here by the pruners)
+from .types import TileMask, grid_of, sparse_allowed
 
 log = logging.getLogger("patchc")
 
@@ -26,8 +27,8 @@ def check_target(target_sparsity: float) -> float:
 
 
 def check_tile_fits(name: str, shape, tile) -> None:
-    if tile[0] > shape[0] or tile[1] > shape[1]:
-        raise ValueError(f"{name}: tile {tuple(tile)} is larger than the weight {tuple(shape)} (out, in)")
+    """``patchc.tiles.check_tile`` with the weight's shape: the tile must also fit the weight."""
+    check_tile(tile, shape, name)
 
 
 def mask24_from_scores(score: torch.Tensor) -> torch.Tensor:
@@ -86,28 +87,17 @@ def select_sparse_tiles(costs: dict[str, torch.Tensor], sizes: dict[str, torch.T
     return out
 
 
-def tile_sizes(shape, tile) -> torch.Tensor:
-    """Number of real (unpadded) weights in each tile → float64 [nN, nK]."""
-    (n, k), (tn, tk) = shape, tile
-    nN, nK = grid_of(shape, tile)
-    rows = torch.full((nN,), float(tn), dtype=torch.float64)
-    rows[-1] = n - (nN - 1) * tn
-    cols = torch.full((nK,), float(tk), dtype=torch.float64)
-    cols[-1] = k - (nK - 1) * tk
-    return rows[:, None] * cols[None, :]
-
-
 @torch.no_grad()
 def magnitude_hybrid(model: nn.Module, target_sparsity: float, tile=(128, 128),
                      include: Optional[Iterable[str]] = None, exclude: Optional[Iterable[str]] = None) -> MaskPlan:
     """One-shot hybrid plan: 2:4 by |W| inside each tile; tiles with the smallest relative 2:4
     error become sparse until the global target sparsity is met."""
     target = check_target(target_sparsity)
+    tile = check_tile(tile)
     mods = select_linears(model, include, exclude)
     if not mods:
         raise ValueError("magnitude_hybrid: the model has no linear layers to plan "
                          f"(include={include!r}, exclude={exclude!r})")
-    tile = (int(tile[0]), int(tile[1]))
     m24, costs, sizes, allowed = {}, {}, {}, {}
     for name, m in mods.items():
         w = oriented_weight(m)
@@ -117,7 +107,7 @@ def magnitude_hybrid(model: nn.Module, target_sparsity: float, tile=(128, 128),
         sizes[name] = tile_sizes(tuple(w.shape), tile)
         allowed[name] = sparse_allowed(tile, tuple(w.shape))
     kinds = select_sparse_tiles(costs, sizes, allowed, target)
-    masks = {n: TileMask.from_kinds(tile, kinds[n], m24[n]) for n in mods}
+    masks = {n: TileMask.from_kinds(tile, kinds[n], m24[n], name=n) for n in mods}
     return MaskPlan(masks, {"tile": list(tile), "method": "magnitude-hybrid", "target_sparsity": target,
                             "fingerprint": fingerprint(model, mods)})
 

@@ -63,23 +63,10 @@ def test_holds_masked():
     assert holds_masked(wt.t(), m)
 
 
-def test_tilemask_fast_checks_agree_with_the_slow_ones():
+def test_tilemask_statistics_match_the_bool_mask():
     g, rng = torch.Generator().manual_seed(1), random.Random(1)
     for _ in range(150):
-        _, tm = _random_case(g, rng)
-        mask, kind = tm.mask.clone(), tm.tile_kind.clone()
-        if rng.random() < 0.6:
-            i, j = rng.randrange(mask.shape[0]), rng.randrange(mask.shape[1])
-            mask[i, j] = ~mask[i, j]
-        if rng.random() < 0.2:
-            kind[rng.randrange(kind.shape[0]), rng.randrange(kind.shape[1])] = rng.choice([0, 1, 2])
-        t = TileMask(tm.tile, kind, mask)
-        try:
-            t._validate_slow("w")
-            slow = True
-        except ValueError as exc:
-            slow = "invalid tile mask" in str(exc)        # reached the end: nothing specific was wrong
-        assert t._valid_fast() == slow
+        _, t = _random_case(g, rng)
         per = expand_tiles(t.tile_kind, t.tile, t.shape)
         assert t.fraction_sparse_tiles() == pytest.approx(float(per.double().mean()) if per.numel() else 0.0)
         assert t.pruned() == int(t.mask.numel() - t.mask.sum())
