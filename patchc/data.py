@@ -99,6 +99,22 @@ def tokenize(texts: Iterable[str], tokenizer) -> torch.Tensor:
 
 
 Source = Union[str, os.PathLike, torch.Tensor, Sequence]
+_PATHLIKE = re.compile(r"^\S*(/|\\|\.[A-Za-z0-9]{1,5})$")
+
+
+def _text_of(item) -> str:
+    """A source item's text: a ``PathLike`` or a string naming an existing file is read; a string
+    that looks like a file name (one word with a path separator or an extension) but names no
+    file is an error, not text; any other string is the text itself."""
+    if isinstance(item, os.PathLike) or os.path.isfile(str(item)):
+        path = os.fspath(item)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such text file")
+        return read_text(path)
+    s = str(item)
+    if _PATHLIKE.match(s) and not os.path.exists(s):
+        raise FileNotFoundError(f"{s}: no such text file")
+    return s
 
 
 def _stream(source: Source, tokenizer) -> torch.Tensor:
@@ -111,8 +127,7 @@ def _stream(source: Source, tokenizer) -> torch.Tensor:
             continue
         if tokenizer is None:
             raise ValueError("make_batches: a tokenizer is needed for text sources (got tokenizer=None)")
-        text = read_text(os.fspath(it)) if isinstance(it, os.PathLike) or os.path.isfile(str(it)) else str(it)
-        parts.append(tokenize([text], tokenizer))
+        parts.append(tokenize([_text_of(it)], tokenizer))
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
@@ -121,8 +136,10 @@ def make_batches(source: Source, tokenizer=None, seq_len: int = 256, num_samples
     """``num_samples`` random windows of ``seq_len`` tokens, grouped into ``[batch_size, seq_len]``
     ``input_ids`` tensors (the last batch may be smaller).
 
-    ``source``: a path to a text file, a string of text, a token tensor, or a list of those
-    (strings naming an existing file are read as files).  The same seed gives the same batches.
+    ``source``: a path to a text file, a string of text, a token tensor, or a list of those.
+    A ``PathLike`` or a string naming an existing file is read; a one-word string that looks like
+    a file name (``missing.txt``, ``data/x``) but names none raises ``FileNotFoundError``; any
+    other string is text.  The same seed gives the same batches.
     """
     for name, v in (("seq_len", seq_len), ("num_samples", num_samples), ("batch_size", batch_size)):
         if int(v) != v or v < 1:
@@ -138,29 +155,44 @@ def make_batches(source: Source, tokenizer=None, seq_len: int = 256, num_samples
     return list(windows.split(batch_size))
 
 
-def _split_path(path: str) -> tuple[str, dict]:
-    """(from_pretrained location, extra kwargs) for a checkpoint dir or a GGUF file."""
+def resolve_model_path(path: str) -> str:
+    """The checkpoint directory or GGUF file ``path`` names (``smollm2`` names the bundled one);
+    ``FileNotFoundError``/``ValueError`` naming ``--model`` when it cannot be a model."""
     if path in ("smollm2", "SmolLM2-135M"):
         path = bundled_smollm2_path()
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"--model {path}: no such file or directory (a transformers checkpoint "
-                                "directory or a .gguf file)")
+                                "directory, a .gguf file, or 'smollm2')")
+    if os.path.isfile(path) and not path.endswith(".gguf"):
+        raise ValueError(f"--model {path}: a model file must be a .gguf file; otherwise pass the checkpoint directory")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"--model {path}: no config.json in this directory; not a transformers checkpoint")
+    return path
+
+
+def _split_path(path: str) -> tuple[str, dict]:
+    """(from_pretrained location, extra kwargs) for a checkpoint dir or a GGUF file."""
+    path = resolve_model_path(path)
     if os.path.isfile(path):
-        if not path.endswith(".gguf"):
-            raise ValueError(f"--model {path}: a model file must be a .gguf file; otherwise pass the checkpoint directory")
         return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
     return path, {}
 
 
 def load_model(path: str, dtype=torch.float32, device: Optional[str] = None):
     """A causal LM from a transformers checkpoint directory or a GGUF file (dequantised to
-    ``dtype``); ``"smollm2"`` names the bundled SmolLM2-135M.  Returned in eval mode."""
+    ``dtype``); ``"smollm2"`` names the bundled SmolLM2-135M; a checkpoint saved by llmcompressor /
+    compressed-tensors in a sparse format is decompressed (``patchc.interop``).  Returned in eval
+    mode."""
     from transformers import AutoModelForCausalLM
 
     from .dtypes import parse_dtype
 
     where, kw = _split_path(path)
+    from .interop import is_compressed_tensors, load_compressed_tensors
+    if is_compressed_tensors(where):          # llmcompressor's sparse formats, without compressed-tensors
+        model = load_compressed_tensors(where, parse_dtype(dtype) or torch.float32)
+        return (model.to(device) if device is not None else model).eval()
     model = AutoModelForCausalLM.from_pretrained(where, dtype=parse_dtype(dtype) or torch.float32, **kw)
     if device is not None:
         model.to(device)
@@ -172,4 +204,8 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     where, kw = _split_path(path)
-    return AutoTokenizer.from_pretrained(where, **kw)
+    try:
+        return AutoTokenizer.from_pretrained(where, **kw)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"--model {path}: cannot load its tokenizer ({str(exc).splitlines()[0][:200]}); save the "
+                         "tokenizer next to the model (tokenizer.save_pretrained(DIR))") from None

@@ -83,6 +83,11 @@ def plan_from_npz(path: str | os.PathLike, model: nn.Module, tile=(128, 128)) ->
     tile = _check_tile(tile)
     if not os.path.isfile(path):
         raise MaskPlanError(f"{path}: no such mask file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":                      # an .npz is a zip archive of .npy arrays
+        raise MaskPlanError(f"{path}: not a .npz file (starts with {head!r}; a .npz mask file is the zip "
+                            "archive numpy.savez writes)")
     try:
         npz = np.load(path, allow_pickle=False)     # never unpickle a downloaded file
         entries = {k: npz[k] for k in npz.files}

@@ -11,6 +11,7 @@ import argparse
 import logging
 
 from ..cliutil import parse_tile
+from ..cliutil import sparsity as sparsity_type
 
 log = logging.getLogger("patchc")
 
@@ -54,9 +55,16 @@ def _batches(args, model_path: str) -> list:
 
 
 def _report(plan, out: str) -> None:
-    print(f"wrote {out}: {len(plan)} layers, global sparsity {plan.sparsity():.4f}")
-    for name, row in plan.per_layer().items():
-        print(f"  {name:<48} sparsity {row['sparsity']:.4f}  2:4 tiles {row['sparse_tiles']}/{row['tiles']}")
+    """What was written: one line (``--quiet``), the layers grouped by kind (default), or every
+    layer (``--verbose``); the CLI sets the ``patchc`` logger's level from those flags."""
+    from ..summary import format_table, headline, kind_rows, layer_rows
+    print(f"wrote {out}")
+    if not log.isEnabledFor(logging.WARNING):
+        return
+    print(f"  {headline(plan)}")
+    verbose = log.isEnabledFor(logging.INFO)
+    for line in format_table(layer_rows(plan) if verbose else kind_rows(plan)):
+        print(line)
 
 
 def cmd_learn(args) -> int:
@@ -84,8 +92,8 @@ def cmd_prune(args) -> int:
     from ..data import load_model
     from .pruners import oneshot, oneshot_hybrid
 
+    batches = _batches(args, args.model) if args.method != "magnitude" else None   # text errors come first
     model = load_model(args.model, args.dtype)
-    batches = _batches(args, args.model) if args.method != "magnitude" else None
     if args.sparsity >= 0.5:
         plan = oneshot(model, batches, method=args.method, pattern="2:4", tile=tuple(args.tile),
                        include=args.include, exclude=args.exclude)
@@ -98,10 +106,23 @@ def cmd_prune(args) -> int:
 
 
 def cmd_import_masks(args) -> int:
-    from ..data import load_model
+    from ..interop import is_compressed_tensors, plan_from_compressed_tensors
     from ..npz import plan_from_npz
 
-    plan = plan_from_npz(args.npz, load_model(args.model, args.dtype), tile=tuple(args.tile))
+    if is_compressed_tensors(args.source):
+        if args.model:
+            raise ValueError(f"{args.source} is a compressed-tensors checkpoint: it holds the model, drop --model")
+        model, plan = plan_from_compressed_tensors(args.source, tile=tuple(args.tile), dtype=args.dtype)
+        if args.save_model:
+            model.save_pretrained(args.save_model)
+            print(f"wrote {args.save_model}: the decompressed model (from_pretrained-loadable)")
+    else:
+        if not args.model:
+            raise ValueError(f"--model is needed to import {args.source} (the model the masks are for)")
+        if args.save_model:
+            raise ValueError("--save-model applies to a compressed-tensors checkpoint only")
+        from ..data import load_model
+        plan = plan_from_npz(args.source, load_model(args.model, args.dtype), tile=tuple(args.tile))
     plan.save(args.out)
     _report(plan, args.out)
     if plan.meta.get("restored_weights"):
@@ -147,20 +168,35 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_learn)
 
-    p = subparsers.add_parser("prune", help="one-shot plan: magnitude, Wanda or SparseGPT",
-                              description="One-shot pruning. --sparsity 0.5 makes every tile 2:4; below 0.5 the "
-                                          "tiles that lose least under 2:4 become sparse, ranked across layers.")
+    p = subparsers.add_parser("prune", help="one-shot hybrid plan: magnitude, Wanda or SparseGPT",
+                              description="One-shot pruning to a hybrid plan: every tile gets the method's 2:4 "
+                                          "mask, and the tiles that lose least under it become 2:4, ranked across "
+                                          "layers, until --sparsity is met (default 0.35); --sparsity 0.5 makes "
+                                          "every tile 2:4.")
     _model_args(p)
     _data_args(p)
     p.add_argument("--method", choices=METHODS, default="magnitude",
                    help="importance: |W| (magnitude), |W|·‖X‖ (wanda), OBS sweep (sparsegpt)")
-    p.add_argument("--sparsity", type=float, default=0.5, help="target global sparsity in [0, 0.5] (default: 0.5)")
+    p.add_argument("--sparsity", type=sparsity_type, default=0.35,
+                   help="target global sparsity in [0, 0.5] (default: 0.35). Below 0.5 the plan is hybrid (dense "
+                        "and 2:4 tiles); 0.5 makes every tile 2:4")
     p.set_defaults(func=cmd_prune)
 
-    p = subparsers.add_parser("import-masks", help="turn a released .npz mask file (MaskLLM, PATCH) into a plan",
-                              description="Read np.packbits or bool masks per weight name; tiles that are not "
-                                          "valid 2:4 become dense (the weights they restore are reported).")
-    p.add_argument("npz", metavar="NPZ", help="the .npz mask file")
-    _model_args(p, select=False)
-    p.add_argument("--dtype", default="float32", help="dtype to load the model in (only its shapes are used)")
+    p = subparsers.add_parser("import-masks", help="a plan from released masks (.npz) or a compressed-tensors "
+                              "2:4 checkpoint",
+                              description="SOURCE is a .npz mask file (MaskLLM, PATCH releases: np.packbits or "
+                                          "bool masks per weight name; needs --model) or a checkpoint directory "
+                                          "saved by llmcompressor / compressed-tensors in a sparse format "
+                                          "(sparse-24-bitmask, sparse-bitmask): its weights are decompressed and "
+                                          "the tile kinds inferred from them. Tiles that are not valid 2:4 become "
+                                          "dense (the weights they restore are reported).")
+    p.add_argument("source", metavar="SOURCE", help="a .npz mask file, or a compressed-tensors checkpoint directory")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="the model a .npz file's masks are for (checkpoint dir, .gguf, or 'smollm2')")
+    p.add_argument("--tile", type=parse_tile, default=(128, 128), metavar="ROWSxCOLS",
+                   help="tile shape over the (out, in) weight (default: 128x128)")
+    p.add_argument("--out", required=True, metavar="FILE", help="where to write the mask plan (.safetensors)")
+    p.add_argument("--save-model", default=None, metavar="DIR",
+                   help="compressed-tensors only: also write the decompressed model there (from_pretrained-loadable)")
+    p.add_argument("--dtype", default="float32", help="dtype to load the model in (default: float32)")
     p.set_defaults(func=cmd_import_masks)
