@@ -12,6 +12,7 @@ from patchc.codegen.candidates import Candidate
 from patchc.codegen.layout import (DENSE, MAX_HYBRID, DispatchPlan, HybridCandidate, TileLayout, candidate_us,
                                    choose_layout, plan_dispatch)
 from patchc.packing import ROW, pack, unpack
+from patchc.prune import mask24_from_scores
 from patchc.types import TileMask
 
 
@@ -147,7 +148,7 @@ def test_maps_with_the_same_row_counts_share_one_plan():
     tm = random_tile_mask(16, 8, (128, 128), 0.6, 11)
     g = torch.Generator().manual_seed(0)
     kind = tm.tile_kind[torch.randperm(16, generator=g)][:, torch.randperm(8, generator=g)]
-    other = TileMask.from_kinds((128, 128), kind, tm.mask)
+    other = TileMask.from_kinds((128, 128), kind, mask24_from_scores(torch.rand(tm.shape, generator=g)))
     a, b = plan_dispatch(tm, "bf16", "h200", m_max=8192), plan_dispatch(other, "bf16", "h200", m_max=8192)
     assert a.ranges == b.ranges
     assert torch.equal(b.row_order, patchc.packing.balanced_row_order(kind))
