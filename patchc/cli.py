@@ -12,7 +12,7 @@ from .cliutil import sparsity as sparsity_type
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    run_demo(out_dir=args.out_dir, plan=args.plan, sparsity=args.sparsity, inner=args.inner,
+    run_demo(out_dir=args.out_dir, plan=args.plan, sparsity=args.sparsity, tile=args.tile, inner=args.inner,
              model_path=args.model, n_eval=args.eval_samples, full=args.full, verbosity=args.verbosity,
              tokens=args.tokens, prompt=args.prompt)
     return 0
@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a mask file to use instead of the shipped learned plan")
     d.add_argument("--sparsity", type=sparsity_type, default=None,
                    help="instead of a learned plan, a one-shot Wanda hybrid plan at this sparsity in [0, 0.5]")
+    d.add_argument("--tile", type=parse_tile, default=(128, 128),
+                   help="tile of the one-shot plans (--sparsity, and the comparison), e.g. 128x128 (default)")
     d.add_argument("--inner", choices=["inductor", "eager"], default="eager",
                    help="what runs the rest of the graph (default eager: compiles in seconds on a CPU)")
     d.add_argument("--model", default=None, help="a GGUF file or transformers checkpoint dir (default: bundled "

@@ -116,8 +116,9 @@ def read_state_dict(path: str) -> tuple[dict, list[str], str]:
             groups.setdefault(base, {})[leaf] = t
         else:
             state[k] = t
-    for base, parts in groups.items():
-        state[f"{base}.weight"] = decompress(base, parts, fmt)
+    from tqdm.auto import tqdm
+    for base in tqdm(list(groups), desc="decompressing", leave=False, disable=len(groups) < 50):
+        state[f"{base}.weight"] = decompress(base, groups[base], fmt)
     return state, sorted(groups), fmt
 
 
