@@ -29,6 +29,8 @@ _EPS = 1e-6
 # 1.7 ms; torch.set_flush_denormal does not reach the BLAS worker threads).  The value moves by
 # < 1e-20·|W|, and the gradient lost is that of a sigmoid / softmax at < 1e-20: nothing.
 _FLOOR = 1e-20
+# elements of the 2:4 softmax handled at once in its backward (2^18 floats: 1 MiB)
+_BACKWARD_CHUNK = 1 << 18
 
 
 def pattern_index(mask24: torch.Tensor) -> torch.Tensor:
@@ -71,8 +73,16 @@ class _PatternMask(torch.autograd.Function):
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
         _, n, g = y.shape
-        gy = (PATTERNS * ctx.alpha).to(y.device, y.dtype).mm(grad.reshape(n * g, 4).t()).view(6, n, g)
-        return torch._softmax_backward_data(gy, y, 0, y.dtype), None, None
+        p = (PATTERNS * ctx.alpha).to(y.device, y.dtype)
+        grad = grad.reshape(n, 4 * g)
+        out = torch.empty_like(y)
+        # a few rows at a time (the same values: each group's softmax backward is its own), so
+        # the [6, N, K/4] pattern gradient is the only full-size temporary
+        rows = max(1, _BACKWARD_CHUNK // (6 * g))
+        for r0 in range(0, n, rows):
+            gy = p.mm(grad[r0:r0 + rows].reshape(-1, 4).t()).view(6, -1, g)
+            out[:, r0:r0 + rows] = torch._softmax_backward_data(gy, y[:, r0:r0 + rows].contiguous(), 0, y.dtype)
+        return out, None, None
 
 
 def lerp_tiles(lo: torch.Tensor, w: torch.Tensor, z: torch.Tensor, tile, maps=None) -> torch.Tensor:

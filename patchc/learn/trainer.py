@@ -21,7 +21,6 @@ import time
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..plan import MaskPlan
@@ -29,41 +28,15 @@ from ..prune import check_tile_fits, select_sparse_tiles
 from ..modules import oriented_weight
 from ..types import grid_of
 from . import checkpoint as ckpt_io
-from .calib import decoder_blocks, default_linears, materialize, model_device, output_logits, to_device
+from .calib import decoder_blocks, default_linears, materialize, model_device, to_device
 from .config import LearnConfig
 from .dist import Dist, setup
+from .losses import task_loss
 from .optim import Adam
 from .priors import broadcast_priors, build_states, compute_priors
 from .state import MaskState, StepContext, attach, detach
 
 log = logging.getLogger("patchc")
-
-
-def task_loss(model: nn.Module, ctx: StepContext, inputs: dict, kind: str) -> torch.Tensor:
-    """Next-token CE ("lm") or KL(dense ‖ masked) ("distill") on one batch, mean over real tokens."""
-    inputs = dict(inputs)
-    labels = inputs.pop("labels", None)
-    if labels is None:
-        if "input_ids" not in inputs:
-            raise ValueError("batches: a dict batch without 'input_ids' needs 'labels' for the loss")
-        labels = inputs["input_ids"].clone()
-        if "attention_mask" in inputs:
-            labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)
-    if kind == "distill":
-        ctx.masks_on = False
-        try:
-            with torch.no_grad():
-                teacher = output_logits(model(**inputs)).float()
-        finally:
-            ctx.masks_on = True
-    logits = output_logits(model(**inputs)).float()
-    if kind == "lm":
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                               ignore_index=-100)
-    valid = (labels != -100).reshape(-1)
-    logp_s = F.log_softmax(logits, -1).reshape(-1, logits.shape[-1])[valid]
-    logp_t = F.log_softmax(teacher, -1).reshape(-1, logits.shape[-1])[valid]
-    return F.kl_div(logp_s, logp_t, log_target=True, reduction="batchmean")
 
 
 def _prepare_model(model: nn.Module, cfg: LearnConfig) -> dict:
