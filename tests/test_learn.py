@@ -96,23 +96,34 @@ def test_pattern_mask_matches_softmax_einsum():
     assert torch.autograd.gradcheck(lambda x: _PatternMask.apply(x, noise.clone(), 7.0), (logits,))
 
 
+def _state(lin, tile, mode, tile_logits, pattern_logits=None, pattern24=None, sched=None, seed=0):
+    """A MaskState of ``lin`` outside a run, with its own generator and schedule."""
+    from patchc.learn.state import MaskState, StepContext
+    st = MaskState("l", lin, tile, mode, tile_logits, pattern_logits, pattern24)
+    st.ctx = StepContext(torch.Generator().manual_seed(seed))
+    st.ctx.sched = sched
+    return st
+
+
+def _draw(st, w):
+    """This step's relaxed W ⊙ M of a state (a new step each call)."""
+    st.begin_step()
+    gen = st._generator()
+    return st.masked_weight(w, st.gate(gen), st.pattern_logits, gen)
+
+
 def test_joint_noise_is_gumbel():
     """Gumbel-max: near τ → 0 each group picks pattern p with probability softmax(κ·logits)_p."""
-    from patchc.learn.masking import LayerMask, pattern_index
     lin = torch.nn.Linear(8, 1, bias=False)
     probs = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05, 0.0])
     logits = torch.where(probs > 0, probs.log(), torch.tensor(-1e4)).view(6, 1, 1).expand(6, 1, 2)
-    layer = LayerMask("l", lin, (1, 8), "joint", torch.ones(1, 8, dtype=torch.bool),
-                      torch.zeros(1, 1), pattern_logits=logits)
-    layer.w = torch.ones(1, 8)
-    gen = torch.Generator().manual_seed(0)
-    sched = {"tau": 1e-3, "kappa_tile": 1e4, "kappa_24": 1.0}
+    st = _state(lin, (1, 8), "joint", torch.zeros(1, 1), logits, sched={"tau": 1e-3, "kappa_tile": 1e4, "kappa_24": 1.0})
     counts = torch.zeros(6)
     with torch.no_grad():
-        layer.tile_logits.fill_(-1.0)                       # the tile is 2:4
+        st.tile_logits.fill_(-1.0)                       # the tile is 2:4
         for _ in range(2000):
-            layer.sample(sched, gen)
-            counts += torch.bincount(pattern_index(layer.current.round().bool()).flatten(), minlength=6)
+            cur = _draw(st, torch.ones(1, 8))
+            counts += torch.bincount(pattern_index(cur.round().bool()).flatten(), minlength=6)
     torch.testing.assert_close(counts / counts.sum(), probs, atol=0.02, rtol=0)
 
 
@@ -120,22 +131,22 @@ def test_joint_noise_is_gumbel():
 def test_relaxed_weight_holds_no_subnormals(mode, monkeypatch):
     """Saturated sigmoids / softmaxes (small τ) give mask values ~1e-40: W ⊙ M must not carry them
     as subnormal floats (CPU GEMMs on those run ~10-160× slower); without the floor it would."""
-    from patchc.learn import masking
+    from patchc.learn import masking, state
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 64, bias=False)
     pattern = torch.randn(6, 64, 16) * 5 if mode == "joint" else None
-    layer = masking.LayerMask("l", lin, (4, 4), mode, mask24_from_scores(lin.weight.detach().abs()),
-                              torch.randn(16, 16) * 5, pattern_logits=pattern)
-    sched = {"tau": 0.05, "kappa_tile": 1.0, "kappa_24": 1.0}
+    st = _state(lin, (4, 4), mode, torch.randn(16, 16) * 5, pattern,
+                pattern_index(mask24_from_scores(lin.weight.detach().abs())),
+                sched={"tau": 0.05, "kappa_tile": 1.0, "kappa_24": 1.0})
 
     def subnormal():
         with torch.no_grad():
-            layer.sample(sched, torch.Generator().manual_seed(0))
-        c = layer.current
+            c = _draw(st, lin.weight.detach())
         return int(((c != 0) & (c.abs() < torch.finfo(c.dtype).tiny)).sum())
 
     assert subnormal() == 0
-    monkeypatch.setattr(masking, "_FLOOR", 0.0)
+    for mod in (masking, state):
+        monkeypatch.setattr(mod, "_FLOOR", 0.0)
     assert subnormal() > 0
 
 

@@ -52,7 +52,8 @@ def test_learn_writes_plan_checkpoint_and_log(ckpt):
                "--no-progress", "--out", out) == 0
     plan = patchc.MaskPlan.load(out)
     assert abs(plan.sparsity() - 0.35) <= 0.005 and plan.meta["method"] == "patch-joint"
-    assert (cdir / "learn_ckpt.safetensors").is_file() and len((cdir / "learn_log.jsonl").read_text().splitlines()) == 3
+    assert (cdir / "learn_ckpt.json").is_file() and len((cdir / "learn_log.jsonl").read_text().splitlines()) == 3
+    assert [p.name for p in (cdir / "learn_ckpt-0000003").iterdir()] == ["shard-00001-model-00001-of-00001.safetensors"]
 
 
 def test_import_masks(ckpt):
