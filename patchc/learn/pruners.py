@@ -71,6 +71,8 @@ def prune_layers(model: nn.Module, mods: dict[str, nn.Module], batches, method: 
 
     def layer(name: str, st) -> torch.Tensor:
         w = oriented_weight(mods[name]).detach()
+        if device is not None:        # magnitude: score each layer there (calibrated blocks already are)
+            w = w.to(device)
         res = {"score": _importance(method, w, st)}
         for pat in patterns:
             if method == "sparsegpt":

@@ -21,7 +21,8 @@ from torch import nn
 from ..modules import oriented_weight
 from ..prune import tile_sizes
 from ..types import TileMask, grid_of, sparse_allowed
-from .masking import _EPS, _FLOOR, _MaskedLinear, _PatternMask, lerp_tiles, patterns_to_mask
+from . import masking
+from .masking import _EPS, _MaskedLinear, _PatternMask, lerp_tiles, patterns_to_mask
 
 CHILD = "patch_mask"
 
@@ -129,7 +130,7 @@ class MaskState(nn.Module):
         sched = self.ctx.sched
         u = torch.rand(self.grid, generator=gen, device=gen.device).clamp_(_EPS, 1 - _EPS)
         z = torch.sigmoid((sched["kappa_tile"] * self.tile_logits.float() + (u.log() - (-u).log1p())) / sched["tau"])
-        return torch.where(self.allowed, z.masked_fill(z < _FLOOR, 0), torch.ones_like(z))  # ragged edge tiles stay dense
+        return torch.where(self.allowed, z.masked_fill(z < masking._FLOOR, 0), torch.ones_like(z))  # ragged edge tiles stay dense
 
     def masked_weight(self, w: torch.Tensor, z: torch.Tensor, pattern_logits: Optional[torch.Tensor],
                       gen: Optional[torch.Generator]) -> torch.Tensor:

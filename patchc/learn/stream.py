@@ -14,7 +14,7 @@ for its turn and back), e.g. a GPU for a model held on the CPU.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn
@@ -161,10 +161,3 @@ def calibrate(model: nn.Module, mods: dict[str, nn.Module], batches: list[dict],
     finally:
         if bar is not None:
             bar.close()
-
-
-def run_device(model: nn.Module, device: Optional[torch.device]) -> Optional[torch.device]:
-    """The device to calibrate on: ``device`` when the model lives elsewhere, else None."""
-    if device is None or model_device(model) == torch.device(device):
-        return None
-    return torch.device(device)
