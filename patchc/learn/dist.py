@@ -104,6 +104,12 @@ class Dist:
         else:
             for block in blocks:
                 fully_shard(block, **kw)
+        # the input and output embeddings as units of their own (unless tied): each is gathered
+        # only while it runs, instead of staying whole with the root for the entire step
+        ends = [getattr(model, f, lambda: None)() for f in ("get_input_embeddings", "get_output_embeddings")]
+        if all(e is not None for e in ends) and ends[0].weight is not ends[1].weight:
+            for e in ends:
+                fully_shard(e, **kw)
         fully_shard(model, **kw)
 
     @staticmethod

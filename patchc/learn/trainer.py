@@ -123,16 +123,7 @@ def learn_masks(model: nn.Module, batches, config: Optional[LearnConfig] = None,
         raise ValueError(f"LearnConfig.batches_per_step={per_step} cannot be split evenly over {dist.world} ranks")
     want = ckpt_io.header_of(cfg, shapes, per_step)
     header = ckpt_io.read_header(cfg.checkpoint_dir, want) if cfg.resume else None
-    if header is None:
-        priors = compute_priors(model, mods, data, cfg, device=device if fsdp else None,
-                                progress=cfg.progress and dist.rank == 0 and cfg.prior != "magnitude")
-        priors = broadcast_priors(priors, shapes, cfg.tile, dist)
-    else:   # the logits come from the checkpoint; tile mode needs its fixed 2:4 patterns now
-        pats = ckpt_io.read_patterns(header, shapes) if cfg.mode == "tile" else {}
-        priors = {n: {"pattern24": pats.get(n, torch.zeros(s[0], s[1] // 4, dtype=torch.uint8)),
-                      "density": torch.zeros(grid_of(s, cfg.tile), dtype=torch.float64)} for n, s in shapes.items()}
-    states = build_states(mods, priors, cfg)
-    del priors
+    states = _initial_states(model, mods, shapes, data, cfg, dist, header, device if fsdp else None)
     total = float(sum(st.sizes.sum() for st in states.values()))
     w_sq = sum(st.w_sq for st in states.values())
     gen = torch.Generator(device=device)       # all the noise; the global RNG is left alone
@@ -146,11 +137,8 @@ def learn_masks(model: nn.Module, batches, config: Optional[LearnConfig] = None,
             found = decoder_blocks(model)
             dist.shard(model, found[1] if found else None, cfg.offload_optimizer)
         order = list(states.values())
-        params = [p for st in order for p in (st.tile_logits, st.pattern_logits) if p is not None]
-        keys = [f"{st.name}.{k}" for st in order for k, p in (("tile_logits", st.tile_logits),
-                                                               ("pattern_logits", st.pattern_logits)) if p is not None]
-        adam = Adam(params, [cfg.lr if k.endswith("tile_logits") else cfg.pattern_lr for k in keys],
-                    offload=cfg.offload_optimizer, keys=keys)
+        adam = _adam(order, cfg)
+        params = adam.params
         start = ckpt_io.load(header, order, adam, gen, dist) if header else 0
         if header:
             log.info("patchc: resuming from %s at step %d", header["path"], start)
@@ -184,6 +172,35 @@ def learn_masks(model: nn.Module, batches, config: Optional[LearnConfig] = None,
         if logf:
             logf.close()
     return plan
+
+
+def _initial_states(model, mods, shapes, data, cfg, dist: Dist, header, device) -> dict[str, MaskState]:
+    """Every linear's learning state: from the one-shot prior (computed on every rank, rank 0's
+    kept), or — resuming — placeholders the checkpoint fills (tile mode reads its fixed 2:4
+    patterns now: the per-tile norms are computed from them before any sharding)."""
+    if header is None:
+        priors = compute_priors(model, mods, data, cfg, device=device,
+                                progress=cfg.progress and dist.rank == 0 and cfg.prior != "magnitude")
+        priors = broadcast_priors(priors, shapes, cfg.tile, dist)
+    else:
+        pats = ckpt_io.read_patterns(header, shapes) if cfg.mode == "tile" else {}
+        priors = {n: {"pattern24": pats.get(n, torch.zeros(s[0], s[1] // 4, dtype=torch.uint8)),
+                      "density": torch.zeros(grid_of(s, cfg.tile), dtype=torch.float64)} for n, s in shapes.items()}
+    return build_states(mods, priors, cfg)
+
+
+def _adam(states: list[MaskState], cfg: LearnConfig) -> Adam:
+    """Adam over every logit tensor (sharded ones on their local shard): ``lr`` for the tile
+    logits, ``pattern_lr`` for the 2:4 pattern logits."""
+    params, keys, lrs = [], [], []
+    for st in states:
+        for kind, p, lr in (("tile_logits", st.tile_logits, cfg.lr), ("pattern_logits", st.pattern_logits,
+                                                                      cfg.pattern_lr)):
+            if p is not None:
+                params.append(p)
+                keys.append(f"{st.name}.{kind}")
+                lrs.append(lr)
+    return Adam(params, lrs, offload=cfg.offload_optimizer, keys=keys)
 
 
 class _Sync:
