@@ -335,7 +335,13 @@ def render(res: dict) -> str:
     if before:
         L += ["", f"*before*: the same measurement of the previous implementation ({res.get('before_code', '?')}: "
               "every layer's mask drawn before the forward, all kept for backward, one all-reduce after it; nothing "
-              "sharded; no state-dtype or mask-recompute option)."]
+              "sharded; no state-dtype or mask-recompute option).  Read without the warm-up step, every figure is "
+              "~0.8-1 B/w higher (the runtime's one-time set-up for the shape)."]
+    L += ["", "*knobs*: `none` = defaults (the fastest step: joint mode keeps every layer's 2:4 softmax for backward); "
+          "`memory` = `grad_checkpointing=True, recompute_masks=True`.  2-rank rows (FSDP2, gloo) are above the whole "
+          "model as each rank loads it before `fully_shard`; they hold two gathered blocks of a 4-layer model (half "
+          "of it) and a 32 000 × 512 embedding matrix — terms that are a few percent of a 32-layer 7B model (see "
+          "the projection)."]
     L += ["", "## One layer's mask rebuild", "",
           "| mode | state dtype | mask recompute | peak live tensors B per weight of the layer | its logits' gradient |",
           "|---|---|---|---|---|"]
@@ -376,21 +382,23 @@ def targets(rows: list[dict], projection: list[dict]) -> list[str]:
         return None
     out = []
     for mode, sdt, limit in (("joint", "float32", 21.0), ("joint", "bfloat16", 14.0), ("tile", "float32", 6.0)):
-        best = min((r for r in rows if r["mode"] == mode and r["dtype"] == "bfloat16" and r["state_dtype"] == sdt
-                    and r["ranks"] == 1), key=lambda r: r["peak_bpw_above_model"], default=None)
-        if best:
-            out.append(f"{mode}, bf16 weights, {sdt} state, 1 rank: {best['peak_bpw_above_model']:.2f} B/w "
-                       f"(knobs {best['knobs']}) — target ≤ {limit:g}: "
-                       f"{'met' if best['peak_bpw_above_model'] <= limit else 'missed'}")
+        got = {k: get(mode=mode, dtype="bfloat16", state_dtype=sdt, knobs=k, ranks=1) for k in KNOBS}
+        best = min((r["peak_bpw_above_model"] for r in got.values() if r), default=None)
+        if best is not None:
+            out.append(f"{mode}, bf16 weights, {sdt} state, 1 rank: "
+                       + ", ".join(f"{r['peak_bpw_above_model']:.2f} B/w with knobs {k}" for k, r in got.items() if r)
+                       + f" — target ≤ {limit:g}: {'met' if best <= limit else 'missed'}")
     for mode in ("tile", "joint"):
         for sdt in ("float32", "bfloat16"):
             a, b = get(mode=mode, dtype="bfloat16", state_dtype=sdt, knobs="memory", ranks=1), \
                 get(mode=mode, dtype="bfloat16", state_dtype=sdt, knobs="memory", ranks=2)
-            if a and b and a["state_bpw"]:
-                ratio = b["state_bpw"] / a["state_bpw"]
-                out.append(f"{mode}, {sdt} state: 2-rank FSDP learning state per rank {b['state_bpw']:.2f} vs "
-                           f"{a['state_bpw']:.2f} B/w on 1 rank = {ratio:.2f}× — target ≤ 0.55×: "
-                           f"{'met' if ratio <= 0.55 else 'missed'}")
+            if a and b:
+                # tile mode learns a few logits per tile: its state is the fixed 2:4 patterns
+                key = "state_bpw" if mode == "joint" else "fixed_bpw"
+                what = "learning state" if mode == "joint" else "mask state (2:4 patterns; the tile logits are ~0)"
+                ratio = b[key] / a[key]
+                out.append(f"{mode}, {sdt} state: 2-rank FSDP {what} per rank {b[key]:.3f} vs {a[key]:.3f} B/w on 1 "
+                           f"rank = {ratio:.2f}× — target ≤ 0.55×: {'met' if ratio <= 0.55 else 'missed'}")
     for mode, ranks in (("joint", 4), ("tile", 1)):
         p = [x for x in projection if x["model"] == "LLaMA-2-7B" and x["mode"] == mode and x["ranks"] == ranks
              and x["state_dtype"] == "float32" and not x["offload"]]
@@ -408,10 +416,19 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", default=None, help="a JSON of rows from a previous implementation to show as 'before'")
     ap.add_argument("--baseline-code", default=None, help="what the baseline ran (a commit), for the report")
     ap.add_argument("--rows-only", action="store_true", help="measure 1-rank rows without new options (baselines)")
+    ap.add_argument("--render", action="store_true", help="only rewrite the report from the JSON of --out")
     ap.add_argument("--child", default=None, help="(internal) measure one row given as JSON")
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(_child(json.loads(args.child))))
+        return 0
+    if args.render:
+        with open(args.out + ".json") as f:
+            res = json.load(f)
+        res["projection"] = project(res["rows"], res["layer_transient"])
+        res["targets"] = targets(res["rows"], res["projection"])
+        res["model_check"] = check_model(res["rows"], res["layer_transient"])
+        _write(args.out, res)
         return 0
     specs = []
     for dtype in (("bfloat16",) if args.quick else ("float32", "bfloat16")):
@@ -447,13 +464,17 @@ def main(argv=None) -> int:
         with open(args.baseline) as f:
             res["before"] = json.load(f)
         res["before_code"] = args.baseline_code
-    with open(args.out + ".json", "w") as f:
+    _write(args.out, res)
+    return 0
+
+
+def _write(out: str, res: dict) -> None:
+    with open(out + ".json", "w") as f:
         json.dump(res, f, indent=1)
-    with open(args.out + ".md", "w") as f:
+    with open(out + ".md", "w") as f:
         f.write(render(res))
     print("\n".join(res["targets"]))
-    print(f"wrote {args.out}.json and .md")
-    return 0
+    print(f"wrote {out}.json and .md")
 
 
 if __name__ == "__main__":
