@@ -215,11 +215,6 @@ def test_bfloat16_state():
     assert dtypes == {torch.bfloat16} and abs(plan.sparsity() - 0.35) <= 0.005
     with pytest.raises(ValueError, match="state_dtype"):
         LearnConfig(state_dtype="float16")
-    from patchc.learn.checkpoint import read_tensors
-    header, tensors = read_tensors(str(tmp_path / "a"))          # a checkpoint read whole, without a run
-    name = next(iter(full))
-    assert header["next_step"] == 8 and tensors[f"{name}.pattern_logits"].shape[0] == 6
-    assert int(tensors["adam.step"]) == 8 and f"adam.{name}.tile_logits.exp_avg" in tensors
     with pytest.raises(ValueError, match="batches_per_step"):
         LearnConfig(batches_per_step=0)
     with pytest.raises(ValueError, match="strategy"):
@@ -264,6 +259,11 @@ def test_resume_gives_the_same_plan(tmp_path):
         learn_masks(model, data, c, checkpoint_dir=str(tmp_path / "b"), resume=True, seed=1)
     with pytest.raises(ValueError, match="batches_per_step"):
         learn_masks(model, data, c, checkpoint_dir=str(tmp_path / "b"), resume=True, batches_per_step=2)
+    from patchc.learn.checkpoint import read_tensors
+    header, tensors = read_tensors(str(tmp_path / "a"))          # a checkpoint read whole, without a run
+    name = next(iter(full))
+    assert header["next_step"] == 8 and tensors[f"{name}.pattern_logits"].shape[0] == 6
+    assert int(tensors["adam.step"]) == 8 and f"adam.{name}.tile_logits.exp_avg" in tensors
     (tmp_path / "v1").mkdir()
     (tmp_path / "v1" / "learn_ckpt.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="former single-file format"):
