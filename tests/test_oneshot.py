@@ -71,6 +71,9 @@ def test_sparsegpt_sweep_on_one_layer():
     assert abs(1 - keep_u.float().mean().item() - 0.25) < 0.01
     # the update compensates: output error is below that of simply masking the weight
     assert ((x @ (w - w24).t()) ** 2).sum() < ((x @ (w * ~keep24).t()) ** 2).sum()
+    # with the mask given instead of chosen, the same sweep: the same weights
+    keep_f, w_f = sparsegpt_prune(w, h, blocksize=16, mask=keep24)
+    assert torch.equal(keep_f, keep24) and torch.equal(w_f, w24)
 
 
 def test_unstructured_masks(setup):
