@@ -195,3 +195,23 @@ def test_updated_weights_of_conv1d_keep_its_layout():
     for n, w in weights.items():
         assert w.shape == mods[n].weight.shape                     # Conv1D: (in, out)
         assert not (w.t() * ~plan[n].mask).any()
+
+
+def test_model_without_decoder_blocks_is_calibrated_in_one_pass():
+    """Linears outside any list of blocks are calibrated in one dense pass of the whole model."""
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.a, self.b = torch.nn.Embedding(256, 32), torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+
+        def forward(self, input_ids):
+            return self.b(torch.relu(self.a(self.emb(input_ids))))
+    torch.manual_seed(0)
+    model, data = Flat(), calib_batches(4)
+    for seq in (False, True):
+        plan = oneshot(model, data, "wanda", tile=TILE, sequential=seq)
+        plan.validate().validate_against(model)
+        assert set(plan) == {"a", "b"}
+    ref = collect_stats(model, {"a": model.a, "b": model.b}, materialize(data))
+    score = model.b.weight.detach().abs() * ref["b"].sq.sqrt()[None, :]
+    assert torch.equal(plan["b"].mask, mask24_from_scores(score))
