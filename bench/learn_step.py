@@ -64,7 +64,7 @@ def plain_steps(model, batches) -> list[tuple[float, float]]:
 
 
 CONFIGS = {"tile": dict(mode="tile"), "joint": dict(mode="joint"),
-           "tile-memory": dict(mode="tile", grad_checkpointing=True),
+           "tile-memory": dict(mode="tile", grad_checkpointing=True, recompute_masks=True),
            "joint-memory": dict(mode="joint", grad_checkpointing=True, recompute_masks=True),
            "joint-bf16": dict(mode="joint", state_dtype="bfloat16")}
 

@@ -162,8 +162,9 @@ def register(subparsers) -> None:
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each decoder block in backward: its activations and the masks built in it")
     p.add_argument("--recompute-masks", action="store_true",
-                   help="joint mode: rebuild each linear's 2:4 mask in its backward instead of keeping its softmax "
-                        "(6 B per weight, all layers); one layer's mask alive at a time, for one more mask build")
+                   help="rebuild each linear's mask in its backward instead of keeping it (joint: the 2:4 softmax, "
+                        "6 B per weight, all layers; tile: W*M24, the weight's bytes again); one layer's mask alive "
+                        "at a time, for more step time")
     p.add_argument("--offload-optimizer", action="store_true",
                    help="keep the Adam moments on the CPU and update there (with fsdp: FSDP2's CPUOffloadPolicy, "
                         "parameter shards and gradients on the CPU too)")

@@ -20,6 +20,7 @@ from ..modules import oriented_weight
 # the 6 ways to keep 2 of 4, as rows of keep flags
 PATTERNS = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0], [0, 1, 0, 1], [0, 0, 1, 1]],
                         dtype=torch.float32)
+_PATTERNS_BOOL = PATTERNS.bool()
 _CODE_TO_PATTERN = torch.full((16,), -1, dtype=torch.long)
 _CODE_TO_PATTERN[(PATTERNS * torch.tensor([8.0, 4, 2, 1])).sum(1).long()] = torch.arange(6)
 _EPS = 1e-6
@@ -46,8 +47,11 @@ def pattern_index(mask24: torch.Tensor) -> torch.Tensor:
 def patterns_to_mask(idx: torch.Tensor, k: int) -> torch.Tensor:
     """bool [N, K] from pattern indices [N, K//4]; a partial last group is kept whole."""
     n = idx.shape[0]
+    m = _PATTERNS_BOOL.to(idx.device)[idx.int()].reshape(n, -1)       # one gather of bools
+    if m.shape[1] == k:
+        return m
     out = torch.ones(n, k, dtype=torch.bool, device=idx.device)
-    out[:, : k // 4 * 4] = PATTERNS.to(idx.device)[idx].bool().reshape(n, -1)
+    out[:, : m.shape[1]] = m
     return out
 
 

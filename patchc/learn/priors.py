@@ -77,7 +77,8 @@ def build_states(mods: dict[str, nn.Module], priors: dict[str, dict], cfg) -> di
             onehot = torch.nn.functional.one_hot(idx.long(), 6).permute(2, 0, 1).float()     # [6, N, K/4]
             pattern_logits = onehot * (cfg.prior_strength / cfg.kappa_24[0])
             del onehot
-        states[name] = MaskState(name, mod, cfg.tile, cfg.mode, tile_logits, pattern_logits, idx, cfg.state_dtype)
+        states[name] = MaskState(name, mod, cfg.tile, cfg.mode, tile_logits, pattern_logits, idx, cfg.state_dtype,
+                                 keep_w24=not cfg.recompute_masks)
     return states
 
 

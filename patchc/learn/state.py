@@ -47,11 +47,13 @@ class MaskState(nn.Module):
     of its weight (tile sizes, which tiles may be 2:4, the tile prior's 2:4 patterns).
 
     ``pattern24``: uint8 [N, K//4], the index of the fixed 2:4 pattern of every group (tile mode).
-    ``state_dtype``: dtype of the logits; the mask itself is always computed in float32."""
+    ``state_dtype``: dtype of the logits; the mask itself is always computed in float32.
+    ``keep_w24``: tile mode keeps W ⊙ M_2:4 (the weight's bytes again, a frozen parameter that
+    FSDP shards) instead of rebuilding it from the patterns in every forward and backward."""
 
     def __init__(self, name: str, module: nn.Module, tile, mode: str, tile_logits: torch.Tensor,
                  pattern_logits: Optional[torch.Tensor] = None, pattern24: Optional[torch.Tensor] = None,
-                 state_dtype: torch.dtype = torch.float32):
+                 state_dtype: torch.dtype = torch.float32, keep_w24: bool = True):
         super().__init__()
         self.name, self.tile, self.mode = name, tuple(tile), mode
         w = oriented_weight(module).detach()
@@ -59,6 +61,7 @@ class MaskState(nn.Module):
         self.grid = grid_of(self.shape, self.tile)
         dev, dt = w.device, w.dtype
         self.tile_logits = nn.Parameter(tile_logits.to(dev, state_dtype).clone())
+        self.register_parameter("w24", None)
         if mode == "joint":
             # [6, N, K/4]: the softmax runs over the leading dim of contiguous planes, 18× faster
             # on CPU than over a trailing dim of size 6
@@ -67,6 +70,9 @@ class MaskState(nn.Module):
         else:
             self.register_parameter("pattern_logits", None)
             self.pattern24 = nn.Parameter(pattern24.to(dev, torch.uint8).contiguous().clone(), requires_grad=False)
+            w24 = w * self.mask24().to(dt)
+            if keep_w24:
+                self.w24 = nn.Parameter(w24, requires_grad=False)
         self.register_buffer("allowed", sparse_allowed(self.tile, self.shape).to(dev), persistent=False)
         self.register_buffer("sizes", tile_sizes(self.shape, self.tile).to(dev, torch.float32), persistent=False)
         nN, nK = self.grid
@@ -80,8 +86,7 @@ class MaskState(nn.Module):
             self.register_buffer("cols", F.one_hot(torch.arange(k, device=dev) // self.tile[1], nK).to(dt)
                                  .t().contiguous(), persistent=False)
         if mode == "tile":
-            w24 = (w * self.mask24(pattern24.to(dev)).to(dt)).float() ** 2
-            n24 = self._per_tile(w24)
+            n24 = self._per_tile(w24.float() ** 2)
             del w24
             # ‖W⊙M24‖² and ‖W⊙(1−M24)‖² per tile: the tile mode's ‖W ⊙ M‖² in closed form
             self.register_buffer("n24", n24, persistent=False)
@@ -136,7 +141,7 @@ class MaskState(nn.Module):
                       gen: Optional[torch.Generator]) -> torch.Tensor:
         """W ⊙ M = lerp(W ⊙ M_2:4, W, z) for this step (joint: draws the 2:4 noise from ``gen``)."""
         if self.mode == "tile":
-            lo = w * self.mask24().to(w.dtype)
+            lo = self.w24 if self.w24 is not None else w * self.mask24().to(w.dtype)
         else:
             n, k = self.shape
             tau = self.ctx.sched["tau"]
