@@ -111,7 +111,8 @@ def render(res: dict) -> str:
               "every layer's mask drawn before the forward, all kept for backward, one all-reduce after it; nothing "
               "sharded; no state-dtype or mask-recompute option).  Read without the warm-up step, every figure is "
               "~0.8-1 B/w higher (the runtime's one-time set-up for the shape)."]
-    L += ["", "*knobs*: `none` = defaults (the fastest step: joint mode keeps every layer's 2:4 softmax for backward); "
+    L += ["", "*knobs*: `none` = defaults (the fastest step: joint mode keeps every layer's 2:4 softmax for backward, "
+          "tile mode keeps W ⊙ M_2:4, counted in its fixed mask data); "
           "`memory` = `grad_checkpointing=True, recompute_masks=True`.  2-rank rows (FSDP2, gloo) are above the whole "
           "model as each rank loads it before `fully_shard`; they hold two gathered blocks of a 4-layer model (half "
           "of it) and a 32 000 × 512 embedding matrix — terms that are a few percent of a 32-layer 7B model (see "
