@@ -1,7 +1,7 @@
 """Why late learning steps slowed down, measured: subnormal floats in the relaxed W ⊙ M.
 
 Takes a learning checkpoint of SmolLM2-135M (``patchc learn --checkpoint-dir`` / the quality
-bench's ``bench/results/quality/ckpt/<row>``), draws each chosen layer's relaxed mask at the
+bench's ``bench/results/quality/ckpt/<row>``; the sharded format, read whole), draws each chosen layer's relaxed mask at the
 schedule's last step (τ = 0.05, κ at their end values) with and without patchc's floor on tiny
 mask values, and reports the subnormal share of W ⊙ M and the time of ``x @ (W ⊙ M)ᵀ``
 (x: 256 tokens), the GEMM a learning step runs per layer, forward and backward.
@@ -11,7 +11,6 @@ mask values, and reports the subnormal share of W ⊙ M and the time of ``x @ (W
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -20,22 +19,21 @@ import torch
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("ckpt_dir", help="directory holding learn_ckpt.safetensors (a joint- or tile-mode run)")
+    p.add_argument("ckpt_dir", help="checkpoint directory of a joint- or tile-mode run (holding learn_ckpt.json)")
     p.add_argument("--layers", default="model.layers.10.mlp.gate_proj,model.layers.10.self_attn.q_proj",
                    help="comma-separated linear names (default: two of block 10)")
     p.add_argument("--repeat", type=int, default=10, help="GEMMs timed per case (default 10)")
     args = p.parse_args()
 
-    from safetensors import safe_open
     from patchc.data import bundled_smollm2_path, load_model
-    from patchc.learn import masking
+    from patchc.learn import masking, state
+    from patchc.learn.checkpoint import read_tensors
     from patchc.learn.config import LearnConfig
     from patchc.modules import oriented_weight
-    from patchc.types import unpack_bits
 
-    path = os.path.join(args.ckpt_dir, "learn_ckpt.safetensors")
-    f = safe_open(path, "pt")
-    cfg_d = json.loads(f.metadata()["patchc"])["config"]
+    header, tensors = read_tensors(args.ckpt_dir)
+    path = os.path.join(args.ckpt_dir, header["dir"])
+    cfg_d = header["config"]
     cfg = LearnConfig(**{k: cfg_d[k] for k in ("mode", "tile", "tau", "kappa_24", "kappa_tile", "steps")},
                       progress=False)
     sched = cfg.schedule(cfg.steps - 1) | {"tau": cfg.tau[1]}
@@ -46,16 +44,17 @@ def main() -> None:
     floor = masking._FLOOR
     for name in args.layers.split(","):
         w = oriented_weight(mods[name]).detach()
-        mask24 = unpack_bits(f.get_tensor(f"{name}.mask24"), tuple(w.shape))
-        pattern = f.get_tensor(f"{name}.pattern_logits") if cfg.mode == "joint" else None
-        layer = masking.LayerMask(name, mods[name], cfg.tile, cfg.mode, mask24, f.get_tensor(f"{name}.tile_logits"),
-                                  pattern)
+        pattern = tensors[f"{name}.pattern_logits"] if cfg.mode == "joint" else None
+        layer = state.MaskState(name, mods[name], cfg.tile, cfg.mode, tensors[f"{name}.tile_logits"], pattern,
+                                tensors.get(f"{name}.pattern24"))
         x = torch.randn(256, w.shape[1])
         for on in (False, True):
             masking._FLOOR = floor if on else 0.0
+            layer.ctx = state.StepContext(torch.Generator().manual_seed(0))
+            layer.ctx.sched = sched
             with torch.no_grad():
-                layer.sample(sched, torch.Generator().manual_seed(0))
-            cur = layer.current
+                gen = layer._generator()
+                cur = layer.masked_weight(w, layer.gate(gen), layer.pattern_logits, gen)
             sub = ((cur != 0) & (cur.abs() < torch.finfo(cur.dtype).tiny)).float().mean().item()
             x @ cur.t()
             t0 = time.perf_counter()

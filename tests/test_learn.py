@@ -96,23 +96,34 @@ def test_pattern_mask_matches_softmax_einsum():
     assert torch.autograd.gradcheck(lambda x: _PatternMask.apply(x, noise.clone(), 7.0), (logits,))
 
 
+def _state(lin, tile, mode, tile_logits, pattern_logits=None, pattern24=None, sched=None, seed=0):
+    """A MaskState of ``lin`` outside a run, with its own generator and schedule."""
+    from patchc.learn.state import MaskState, StepContext
+    st = MaskState("l", lin, tile, mode, tile_logits, pattern_logits, pattern24)
+    st.ctx = StepContext(torch.Generator().manual_seed(seed))
+    st.ctx.sched = sched
+    return st
+
+
+def _draw(st, w):
+    """This step's relaxed W ⊙ M of a state (a new step each call)."""
+    st.begin_step()
+    gen = st._generator()
+    return st.masked_weight(w, st.gate(gen), st.pattern_logits, gen)
+
+
 def test_joint_noise_is_gumbel():
     """Gumbel-max: near τ → 0 each group picks pattern p with probability softmax(κ·logits)_p."""
-    from patchc.learn.masking import LayerMask, pattern_index
     lin = torch.nn.Linear(8, 1, bias=False)
     probs = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05, 0.0])
     logits = torch.where(probs > 0, probs.log(), torch.tensor(-1e4)).view(6, 1, 1).expand(6, 1, 2)
-    layer = LayerMask("l", lin, (1, 8), "joint", torch.ones(1, 8, dtype=torch.bool),
-                      torch.zeros(1, 1), pattern_logits=logits)
-    layer.w = torch.ones(1, 8)
-    gen = torch.Generator().manual_seed(0)
-    sched = {"tau": 1e-3, "kappa_tile": 1e4, "kappa_24": 1.0}
+    st = _state(lin, (1, 8), "joint", torch.zeros(1, 1), logits, sched={"tau": 1e-3, "kappa_tile": 1e4, "kappa_24": 1.0})
     counts = torch.zeros(6)
     with torch.no_grad():
-        layer.tile_logits.fill_(-1.0)                       # the tile is 2:4
+        st.tile_logits.fill_(-1.0)                       # the tile is 2:4
         for _ in range(2000):
-            layer.sample(sched, gen)
-            counts += torch.bincount(pattern_index(layer.current.round().bool()).flatten(), minlength=6)
+            cur = _draw(st, torch.ones(1, 8))
+            counts += torch.bincount(pattern_index(cur.round().bool()).flatten(), minlength=6)
     torch.testing.assert_close(counts / counts.sum(), probs, atol=0.02, rtol=0)
 
 
@@ -124,14 +135,13 @@ def test_relaxed_weight_holds_no_subnormals(mode, monkeypatch):
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 64, bias=False)
     pattern = torch.randn(6, 64, 16) * 5 if mode == "joint" else None
-    layer = masking.LayerMask("l", lin, (4, 4), mode, mask24_from_scores(lin.weight.detach().abs()),
-                              torch.randn(16, 16) * 5, pattern_logits=pattern)
-    sched = {"tau": 0.05, "kappa_tile": 1.0, "kappa_24": 1.0}
+    st = _state(lin, (4, 4), mode, torch.randn(16, 16) * 5, pattern,
+                pattern_index(mask24_from_scores(lin.weight.detach().abs())),
+                sched={"tau": 0.05, "kappa_tile": 1.0, "kappa_24": 1.0})
 
     def subnormal():
         with torch.no_grad():
-            layer.sample(sched, torch.Generator().manual_seed(0))
-        c = layer.current
+            c = _draw(st, lin.weight.detach())
         return int(((c != 0) & (c.abs() < torch.finfo(c.dtype).tiny)).sum())
 
     assert subnormal() == 0
@@ -173,11 +183,42 @@ def test_model_restored_exactly():
         assert torch.equal(model(input_ids=x).logits, ref)
 
 
-def test_grad_checkpointing_gives_the_same_plan():
-    model, data = trained_llama(), calib_batches(8)
-    a = learn_masks(model, data, cfg(steps=4, mode="joint"))
-    b = learn_masks(model, data, cfg(steps=4, mode="joint", grad_checkpointing=True))
-    assert all(torch.equal(a[n].mask, b[n].mask) for n in a)
+@pytest.mark.parametrize("mode", ["tile", "joint"])
+def test_memory_options_give_the_same_run(mode):
+    """Checkpointed blocks, masks rebuilt in backward, Adam moments on the CPU and two batches
+    accumulated per step change where memory goes, not the numbers: the same losses and plan as
+    the plain run (two half batches: the same mean loss as one batch of both)."""
+    model, data = trained_llama(), calib_batches(8, batch_size=4)
+    halves = [b[i:i + 2] for b in data for i in (0, 2)]
+
+    def run(batches, **kw):
+        recs = []
+        plan = learn_masks(model, batches, cfg(steps=4, mode=mode, **kw), callback=lambda s, r: recs.append(r["loss"]))
+        return plan, recs
+    a, la = run(data)
+    for kw in (dict(grad_checkpointing=True), dict(recompute_masks=True), dict(offload_optimizer=True),
+               dict(grad_checkpointing=True, recompute_masks=True)):
+        b, lb = run(data, **kw)
+        assert lb == la and all(torch.equal(a[n].mask, b[n].mask) for n in a), kw
+    c, lc = run(halves, batches_per_step=2)
+    assert lc == pytest.approx(la, rel=1e-5) and all(torch.equal(a[n].mask, c[n].mask) for n in a)
+
+
+def test_bfloat16_state():
+    model = trained_llama()
+    dtypes = set()
+
+    def look(step, rec):
+        dtypes.update(p.dtype for n, p in model.named_parameters() if p.requires_grad)
+    plan = learn_masks(model, calib_batches(8), cfg(steps=3, mode="joint", state_dtype="bf16"), callback=look)
+    plan.validate()
+    assert dtypes == {torch.bfloat16} and abs(plan.sparsity() - 0.35) <= 0.005
+    with pytest.raises(ValueError, match="state_dtype"):
+        LearnConfig(state_dtype="float16")
+    with pytest.raises(ValueError, match="batches_per_step"):
+        LearnConfig(batches_per_step=0)
+    with pytest.raises(ValueError, match="strategy"):
+        LearnConfig(strategy="zero3")
 
 
 def test_save_load_apply_reproduces_the_masked_model(tmp_path):
@@ -216,6 +257,17 @@ def test_resume_gives_the_same_plan(tmp_path):
     assert {"loss", "soft_density", "tau"} <= set(log[0])
     with pytest.raises(ValueError, match="seed"):
         learn_masks(model, data, c, checkpoint_dir=str(tmp_path / "b"), resume=True, seed=1)
+    with pytest.raises(ValueError, match="batches_per_step"):
+        learn_masks(model, data, c, checkpoint_dir=str(tmp_path / "b"), resume=True, batches_per_step=2)
+    from patchc.learn.checkpoint import read_tensors
+    header, tensors = read_tensors(str(tmp_path / "a"))          # a checkpoint read whole, without a run
+    name = next(iter(full))
+    assert header["next_step"] == 8 and tensors[f"{name}.pattern_logits"].shape[0] == 6
+    assert int(tensors["adam.step"]) == 8 and f"adam.{name}.tile_logits.exp_avg" in tensors
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "learn_ckpt.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="former single-file format"):
+        learn_masks(model, data, c, checkpoint_dir=str(tmp_path / "v1"), resume=True)
 
 
 def test_conv1d_model_learns():

@@ -1,5 +1,6 @@
 """``patchc learn | prune | import-masks`` on a tiny checkpoint directory with a byte-level tokenizer."""
 import argparse
+import json
 import os
 
 import numpy as np
@@ -52,7 +53,21 @@ def test_learn_writes_plan_checkpoint_and_log(ckpt):
                "--no-progress", "--out", out) == 0
     plan = patchc.MaskPlan.load(out)
     assert abs(plan.sparsity() - 0.35) <= 0.005 and plan.meta["method"] == "patch-joint"
-    assert (cdir / "learn_ckpt.safetensors").is_file() and len((cdir / "learn_log.jsonl").read_text().splitlines()) == 3
+    assert (cdir / "learn_ckpt.json").is_file() and len((cdir / "learn_log.jsonl").read_text().splitlines()) == 3
+    assert [p.name for p in (cdir / "learn_ckpt-0000003").iterdir()] == ["shard-00001-model-00001-of-00001.safetensors"]
+
+
+def test_learn_memory_flags(ckpt):
+    """The memory and distribution flags reach LearnConfig (one rank: ddp/fsdp do not apply)."""
+    out, cdir = ckpt / "m.safetensors", ckpt / "run-m"
+    assert run("learn", "--model", ckpt / "model", "--text", ckpt / "text.txt", "--tile", "16x16", "--seq-len", 32,
+               "--samples", 4, "--mode", "joint", "--sparsity", 0.3, "--steps", 2, "--prior", "wanda",
+               "--prior-sequential", "--state-dtype", "bfloat16", "--grad-checkpointing", "--recompute-masks",
+               "--offload-optimizer", "--batches-per-step", 2, "--strategy", "ddp", "--checkpoint-dir", cdir,
+               "--no-progress", "--out", out) == 0
+    conf = json.loads((cdir / "learn_ckpt.json").read_text())["config"]
+    assert conf["state_dtype"] == "bfloat16" and conf["batches_per_step"] == 2 and conf["prior_sequential"] is True
+    assert abs(patchc.MaskPlan.load(out).sparsity() - 0.3) <= 0.005
 
 
 def test_import_masks(ckpt):
@@ -76,18 +91,20 @@ def test_main_cli_reports_bad_options(ckpt, capsys):
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("PATCHC_SLOW") != "1", reason="starts torchrun with 2 ranks (~15 s); set PATCHC_SLOW=1")
-def test_learn_under_torchrun(ckpt):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_learn_under_torchrun(ckpt, strategy):
     """Two gloo ranks started by torchrun: each joins the group from its environment, learns on its
-    shard, and only rank 0 writes the plan."""
+    share of the batches, and only rank 0 writes the plan."""
     import os
     import subprocess
     import sys
-    out = ckpt / "ddp.safetensors"
+    out = ckpt / f"{strategy}.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "patchc.cli", "learn", "--model", str(ckpt / "model"), "--text", str(ckpt / "text.txt"),
            "--tile", "16x16", "--seq-len", "32", "--samples", "4", "--steps", "3", "--sparsity", "0.3",
-           "--no-progress", "--out", str(out)]
+           "--strategy", strategy, "--checkpoint-dir", str(ckpt / f"run-{strategy}"), "--no-progress",
+           "--out", str(out)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("wrote ") == 1, "only rank 0 writes and reports"

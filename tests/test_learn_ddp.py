@@ -45,4 +45,4 @@ def test_two_gloo_ranks_agree(tmp_path):
         assert torch.equal(p0[n].mask, p1[n].mask) and torch.equal(p0[n].tile_kind, p1[n].tile_kind)
     p0.validate()
     assert abs(p0.sparsity() - 0.3) <= 0.005
-    assert "learn_ckpt.safetensors" in (tmp_path / "files0.txt").read_text()
+    assert "learn_ckpt.json" in (tmp_path / "files0.txt").read_text()

@@ -5,7 +5,7 @@ import torch
 from patchc.learn.calib import collect_stats, default_linears, materialize
 from patchc.modules import oriented_weight
 from patchc.learn.pruners import oneshot
-from patchc.prune import magnitude_hybrid
+from patchc.prune import magnitude_hybrid, mask24_from_scores
 from patchc.learn.pruners import oneshot_hybrid
 from patchc.learn.sparsegpt import sparsegpt_prune
 from test_learn_helpers import TILE, calib_batches, single_thread, trained_llama  # noqa: F401
@@ -71,6 +71,9 @@ def test_sparsegpt_sweep_on_one_layer():
     assert abs(1 - keep_u.float().mean().item() - 0.25) < 0.01
     # the update compensates: output error is below that of simply masking the weight
     assert ((x @ (w - w24).t()) ** 2).sum() < ((x @ (w * ~keep24).t()) ** 2).sum()
+    # with the mask given instead of chosen, the same sweep: the same weights
+    keep_f, w_f = sparsegpt_prune(w, h, blocksize=16, mask=keep24)
+    assert torch.equal(keep_f, keep24) and torch.equal(w_f, w24)
 
 
 def test_unstructured_masks(setup):
@@ -111,3 +114,104 @@ def test_oneshot_errors(setup):
         oneshot(model, None, tile=(128, 128))
     with pytest.raises(ValueError, match="target_sparsity"):
         oneshot_hybrid(model, None, target_sparsity=0.7, tile=TILE)
+
+
+def _block_stats(model, data, sequential, weights_fn):
+    """Statistics each planned linear's calibration sees, streamed block by block."""
+    from patchc.learn.stream import calibrate
+    mods = default_linears(model)
+    seen = {}
+
+    def on_layers(stats):
+        seen.update({n: (st.sq.clone(), st.hess.clone(), st.rows) for n, st in stats.items()})
+        return {n: weights_fn(n, oriented_weight(mods[n]).detach()) for n in stats}
+    calibrate(model, mods, materialize(data), on_layers, hessian=True, sequential=sequential)
+    return seen
+
+
+def test_streamed_calibration_is_one_dense_pass(setup):
+    model, data = setup
+    full = collect_stats(model, default_linears(model), materialize(data), hessian=True)
+    streamed = _block_stats(model, data, False, lambda n, w: w * 0)     # returned weights unused
+    for n, st in full.items():
+        sq, hess, rows = streamed[n]
+        assert torch.equal(sq, st.sq) and torch.equal(hess, st.hess) and rows == st.rows, n
+
+
+def test_sequential_calibration_sees_the_pruned_blocks_before(setup):
+    """Block 1 is calibrated on the outputs of block 0 computed with the weights block 0's pruning
+    returned: the same statistics as one dense pass of a model whose block 0 holds those weights."""
+    import copy
+    model, data = setup
+    pruned = {}
+
+    def prune(name, w):
+        pruned[name] = w * mask24_from_scores(w.abs()).to(w.dtype)
+        return pruned[name]
+    seq = _block_stats(model, data, True, prune)
+    edited = copy.deepcopy(model)
+    mods = default_linears(edited)
+    with torch.no_grad():
+        for n in mods:
+            if n.startswith("model.layers.0."):
+                oriented_weight(mods[n]).copy_(pruned[n])
+    ref = collect_stats(edited, mods, materialize(data), hessian=True)
+    dense = _block_stats(model, data, False, prune)
+    for n in mods:         # block 0 itself is calibrated on dense activations, block 1 on pruned block 0's
+        want = ref[n].hess if n.startswith("model.layers.1.") else dense[n][1]
+        assert torch.equal(seq[n][1], want), n
+    assert not torch.equal(dense["model.layers.1.mlp.down_proj"][1], seq["model.layers.1.mlp.down_proj"][1])
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_sparsegpt_returns_updated_weights_without_touching_the_model(setup, sequential):
+    model, data = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan, weights = oneshot(model, data, "sparsegpt", tile=TILE, return_weights=True, sequential=sequential)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "model mutated unasked"
+    assert plan.meta["weights_updated"] is False and plan.meta["calibration"] == ("sequential" if sequential else "dense")
+    mods = default_linears(model)
+    assert list(weights) == list(plan) == list(mods)
+    for n, w in weights.items():
+        assert w.shape == mods[n].weight.shape and w.dtype == mods[n].weight.dtype and w.device.type == "cpu"
+        assert not (w * ~plan[n].mask).any(), f"{n}: pruned weights not zero"
+        assert not torch.equal(w, mods[n].weight.detach() * plan[n].mask), f"{n}: weights not updated"
+    # update_weights=True writes the same weights into the model
+    inplace = trained_llama()
+    oneshot(inplace, data, "sparsegpt", tile=TILE, update_weights=True, sequential=sequential)
+    got = dict(inplace.named_modules())
+    assert all(torch.equal(got[n].weight, w) for n, w in weights.items())
+    # methods that change no weight return none
+    assert oneshot(model, data, "wanda", tile=TILE, return_weights=True)[1] == {}
+
+
+def test_updated_weights_of_conv1d_keep_its_layout():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64)).eval()
+    plan, weights = oneshot(model, calib_batches(4, seq_len=32), "sparsegpt", tile=TILE, return_weights=True,
+                            sequential=True)
+    mods = dict(model.named_modules())
+    for n, w in weights.items():
+        assert w.shape == mods[n].weight.shape                     # Conv1D: (in, out)
+        assert not (w.t() * ~plan[n].mask).any()
+
+
+def test_model_without_decoder_blocks_is_calibrated_in_one_pass():
+    """Linears outside any list of blocks are calibrated in one dense pass of the whole model."""
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.a, self.b = torch.nn.Embedding(256, 32), torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+
+        def forward(self, input_ids):
+            return self.b(torch.relu(self.a(self.emb(input_ids))))
+    torch.manual_seed(0)
+    model, data = Flat(), calib_batches(4)
+    for seq in (False, True):
+        plan = oneshot(model, data, "wanda", tile=TILE, sequential=seq)
+        plan.validate().validate_against(model)
+        assert set(plan) == {"a", "b"}
+    ref = collect_stats(model, {"a": model.a, "b": model.b}, materialize(data))
+    score = model.b.weight.detach().abs() * ref["b"].sq.sqrt()[None, :]
+    assert torch.equal(plan["b"].mask, mask24_from_scores(score))

@@ -2,8 +2,11 @@
 
 Public names load on first use (PEP 562), so ``import patchc.learn`` stays light:
 
-- :func:`learn_masks`, :class:`LearnConfig` — learn a hybrid dense/2:4 tile plan;
-- :func:`oneshot`, :func:`oneshot_hybrid` — magnitude / Wanda / SparseGPT without learning;
+- :func:`learn_masks`, :class:`LearnConfig` — learn a hybrid dense/2:4 tile plan, on one process
+  or under torchrun (data parallel, or sharded with FSDP2 for 7B-8B models);
+- :func:`oneshot`, :func:`oneshot_hybrid` — magnitude / Wanda / SparseGPT without learning,
+  calibrated one decoder block at a time (optionally on the already-pruned blocks' outputs);
+  SparseGPT's updated weights returned on request;
 - :func:`masked_forward` — run a model with a plan's masks applied on the fly.
 """
 from __future__ import annotations

@@ -94,13 +94,12 @@ class _Stats:
         self.rows = 0
 
 
-@torch.no_grad()
-def collect_stats(model: nn.Module, mods: dict[str, nn.Module], batches: list[dict],
-                  hessian: bool = False) -> dict[str, _Stats]:
-    """Run the (unmasked) model over ``batches`` and accumulate, per planned linear, the squared
-    norm of each input feature (``.sq``) and, with ``hessian``, X^T X (``.hess``) and the row
-    count.  Linears fed the same tensor (q/k/v, gate/up) share one accumulator, which keeps
-    SparseGPT's K×K matrices to one per distinct input (4 per block in a LLaMA, not 7)."""
+def stat_hooks(mods: dict[str, nn.Module], hessian: bool):
+    """Forward pre-hooks that accumulate, per linear, the squared norm of each input feature
+    (``.sq``) and, with ``hessian``, XᵀX (``.hess``) and the row count.  Linears fed the same
+    tensor (q/k/v, gate/up) share one accumulator, which keeps SparseGPT's K×K matrices to one per
+    distinct input (4 per block in a LLaMA, not 7).  Returns (stats, new_batch, handles):
+    call ``new_batch()`` before each batch, remove the handles when done."""
     stats: dict[str, _Stats] = {}
     seen: dict[tuple, tuple] = {}
 
@@ -125,16 +124,30 @@ def collect_stats(model: nn.Module, mods: dict[str, nn.Module], batches: list[di
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in mods.items()]
-    device = model_device(model)
-    try:
-        for b in batches:
-            seen.clear()
-            model(**to_device(b, device))
-    finally:
-        for h in handles:
-            h.remove()
+    return stats, seen.clear, handles
+
+
+def check_called(mods, stats) -> None:
     missing = [n for n in mods if n not in stats]
     if missing:
         raise ValueError(f"calibration: the model never called {missing[:3]}{'…' if len(missing) > 3 else ''} "
                          "on the batches; they cannot be calibrated")
+
+
+@torch.no_grad()
+def collect_stats(model: nn.Module, mods: dict[str, nn.Module], batches: list[dict],
+                  hessian: bool = False) -> dict[str, _Stats]:
+    """Run the (unmasked) model over ``batches`` with :func:`stat_hooks` on every planned linear
+    at once (all their statistics are alive together; :func:`patchc.learn.stream.calibrate`
+    keeps one decoder block's)."""
+    stats, new_batch, handles = stat_hooks(mods, hessian)
+    device = model_device(model)
+    try:
+        for b in batches:
+            new_batch()
+            model(**to_device(b, device))
+    finally:
+        for h in handles:
+            h.remove()
+    check_called(mods, stats)
     return stats

@@ -1,153 +1,177 @@
-"""Adam over the mask logits, and resumable checkpoints (safetensors + JSON header, no pickle).
+"""Sharded, resumable checkpoints of a learning run (``torch.distributed.checkpoint``, no pickle).
 
-A checkpoint holds everything the rest of a run depends on: the logits, the fixed 2:4 prior
-masks (so a resume does not recompute a SparseGPT prior), Adam's moments and step count, the
-state of the generator that draws all the Gumbel noise (a uint8 tensor), and the next step.
-(The model runs in eval mode, so nothing else consumes random numbers.)
-Resuming with the same config therefore continues bit-for-bit where the run stopped.
+A checkpoint holds everything the rest of a run depends on: every layer's logits (and, tile mode,
+its fixed 2:4 patterns, so a resume does not recompute a SparseGPT prior), the Adam moments and
+step count, the state of the generator that draws all the Gumbel noise (the model runs in eval
+mode, so nothing else consumes random numbers), and the next step.  Resuming with the same
+config continues bit-for-bit where the run stopped, on any number of ranks.
+
+On disk, in ``checkpoint_dir``:
+
+- ``learn_ckpt-<step>/shard-<r>-model-00001-of-00001.safetensors``: what rank r holds, written
+  by DCP's ``HuggingFaceStorageWriter`` — safetensors files whose header records each tensor's
+  offset in the whole (sharded logits and moments are split by rank; a replicated tensor is
+  written once).  Reading them back (:func:`load`, :func:`read_tensors`) reshards to whatever
+  sharding the reader has; nothing is unpickled (DCP's default writer would pickle its metadata).
+- ``learn_ckpt.json``: the header (format, next step, the directory, the config options a
+  resumed run must share, the layers and their shapes), written last and atomically: it always
+  names a complete directory.  Older directories are removed after it is written.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import warnings
 from typing import Optional
 
 import torch
 
 from ..files import atomic_path
-from ..types import pack_bits, unpack_bits
+from .optim import Adam
 
 FORMAT = "patchc.learn-checkpoint"
-VERSION = 1
-FILENAME = "learn_ckpt.safetensors"
+VERSION = 2
+HEADER = "learn_ckpt.json"
+PREFIX = "learn_ckpt-"
+LEGACY = "learn_ckpt.safetensors"          # version 1: one file gathered on rank 0
 # options a resumed run must share with the run that wrote the checkpoint
 MUST_MATCH = ("mode", "target_sparsity", "tile", "prior", "prior_sparsity", "prior_strength", "calib_batches",
-              "steps", "lr", "lr_24", "tau", "kappa_tile", "kappa_24", "lambda1", "lambda2", "include", "exclude",
-              "seed", "loss")
+              "prior_sequential", "steps", "lr", "lr_24", "tau", "kappa_tile", "kappa_24", "lambda1", "lambda2",
+              "include", "exclude", "seed", "loss", "state_dtype", "batches_per_step")
 
 
-class Adam:
-    """Adam on a list of parameters; its state is two tensors per parameter and ``t``.
-
-    Own class rather than ``torch.optim.Adam``: the state round-trips through safetensors
-    without pickle, and importing ``torch.optim`` pulls dynamo into ``patchc.learn``.  The update
-    runs in torch's fused Adam kernel when the build has it (2.7× faster than separate ops on the
-    joint mode's 1.5 logits per weight, measured on CPU), else in plain tensor ops.
-    """
-
-    def __init__(self, params, lr, betas=(0.9, 0.999), eps: float = 1e-8):
-        """``lr``: one learning rate, or one per parameter."""
-        self.params, self.betas, self.eps = list(params), betas, eps
-        lrs = [float(lr)] * len(self.params) if isinstance(lr, (int, float)) else [float(x) for x in lr]
-        if len(lrs) != len(self.params):
-            raise ValueError(f"Adam: {len(lrs)} learning rates for {len(self.params)} parameters")
-        self.lrs = lrs
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
-        self.t = 0
-        self._fused = hasattr(torch, "_fused_adam_")
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        self.t += 1
-        live = [i for i, p in enumerate(self.params) if p.grad is not None]
-        if not live:
-            return
-        if self._fused:
-            try:
-                self._fused_step(live)
-                return
-            except (RuntimeError, NotImplementedError):   # a device or dtype without the kernel
-                self._fused = False
-        b1, b2 = self.betas
-        bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        for i in live:
-            p, m, v, g = self.params[i], self.m[i], self.v[i], self.params[i].grad
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            p.addcdiv_(m, (v / bc2).sqrt_().add_(self.eps), value=-self.lrs[i] / bc1)
-
-    def _fused_step(self, live: list[int]) -> None:
-        for lr in sorted({self.lrs[i] for i in live}):        # one fused call per learning rate
-            idx = [i for i in live if self.lrs[i] == lr]
-            steps = [torch.tensor(float(self.t), device=self.params[i].device) for i in idx]
-            torch._fused_adam_([self.params[i].data for i in idx], [self.params[i].grad for i in idx],
-                               [self.m[i] for i in idx], [self.v[i] for i in idx], [], steps, lr=lr,
-                               beta1=self.betas[0], beta2=self.betas[1], weight_decay=0.0, eps=self.eps,
-                               amsgrad=False, maximize=False)
+@contextlib.contextmanager
+def _quiet():
+    """DCP warns that it assumes a single process when there is no process group: that is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
-def checkpoint_path(directory: str) -> str:
-    return os.path.join(directory, FILENAME)
+def _moment(m: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """An Adam moment as the checkpoint sees it: a DTensor with its parameter's sharding when the
+    parameter is sharded (sharing ``m``'s storage, wherever ``m`` lives), else ``m``."""
+    if not hasattr(p, "_spec"):
+        return m
+    from torch.distributed.tensor import DTensor
+    return DTensor(m, p._spec, requires_grad=False)
 
 
-def save_checkpoint(directory: str, next_step: int, layers, adam: Adam, gen: torch.Generator, cfg) -> str:
-    """Write ``learn_ckpt.safetensors`` atomically (temp file + rename)."""
-    from safetensors.torch import save_file
+def state_dict(states, adam: Adam, gen: torch.Generator, next_step: int) -> dict:
+    """The tensors of a checkpoint, by name (the run's own tensors: loading fills them in place)."""
+    sd = {}
+    for st in states:
+        for kind, p in (("tile_logits", st.tile_logits), ("pattern_logits", st.pattern_logits),
+                        ("pattern24", st.pattern24)):
+            if p is not None:
+                sd[f"{st.name}.{kind}"] = p
+    for i, p in enumerate(adam.params):
+        key = adam.keys[i]
+        sd[f"adam.{key}.exp_avg"] = _moment(adam.m[i], p)
+        sd[f"adam.{key}.exp_avg_sq"] = _moment(adam.v[i], p)
+    sd["adam.step"] = torch.tensor(adam.t, dtype=torch.int64)
+    sd["rng.gumbel"] = gen.get_state().cpu()
+    sd["next_step"] = torch.tensor(next_step, dtype=torch.int64)
+    return sd
 
-    tensors = {}
-    for layer in layers:
-        tensors[f"{layer.name}.tile_logits"] = layer.tile_logits.detach().cpu().contiguous()
-        if layer.pattern_logits is not None:
-            tensors[f"{layer.name}.pattern_logits"] = layer.pattern_logits.detach().cpu().contiguous()
-        tensors[f"{layer.name}.mask24"] = pack_bits(layer.mask24.cpu())
-    for i, (m, v) in enumerate(zip(adam.m, adam.v)):
-        tensors[f"adam.m.{i}"], tensors[f"adam.v.{i}"] = m.cpu().contiguous(), v.cpu().contiguous()
-    tensors["rng.gumbel"] = gen.get_state().cpu()
-    header = {"format": FORMAT, "version": VERSION, "next_step": int(next_step), "adam_t": adam.t,
-              "config": {k: cfg.to_dict()[k] for k in MUST_MATCH},
-              "layers": {layer.name: list(layer.shape) for layer in layers}}
-    path = checkpoint_path(directory)
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"patchc": json.dumps(header)})
+
+def header_of(cfg, shapes: dict[str, tuple], batches_per_step: int) -> dict:
+    conf = cfg.to_dict()
+    conf["batches_per_step"] = batches_per_step
+    return {"format": FORMAT, "version": VERSION, "config": {k: conf[k] for k in MUST_MATCH},
+            "layers": {n: list(s) for n, s in shapes.items()}}
+
+
+def save(directory: str, next_step: int, states, adam: Adam, gen: torch.Generator, header: dict, dist) -> str:
+    """Every rank writes its shards into ``learn_ckpt-<step>``; rank 0 then points the header at it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    name = f"{PREFIX}{next_step:07d}"
+    path = os.path.join(directory, name)
+    if dist.rank == 0:
+        shutil.rmtree(path, ignore_errors=True)          # a half-written one from a crashed run
+        os.makedirs(path)
+    dist.barrier()
+    with _quiet():
+        dcp.save(state_dict(states, adam, gen, next_step),
+                 storage_writer=HuggingFaceStorageWriter(path, save_distributed=True), no_dist=not dist.group)
+    dist.barrier()
+    if dist.rank == 0:
+        with atomic_path(os.path.join(directory, HEADER)) as tmp, open(tmp, "w") as f:
+            json.dump({**header, "next_step": int(next_step), "dir": name, "world": dist.world}, f, indent=1)
+        for old in os.listdir(directory):
+            if old.startswith(PREFIX) and old != name:
+                shutil.rmtree(os.path.join(directory, old), ignore_errors=True)
+    dist.barrier()
     return path
 
 
-def read_checkpoint(directory: str, cfg, shapes: dict[str, tuple]) -> Optional[dict]:
-    """The checkpoint in ``directory`` as ``{"header", "tensors"}``, or None when there is none.
-    Raises ``ValueError`` naming the options or layers that differ from this run."""
-    from safetensors import safe_open
-
-    path = checkpoint_path(directory)
+def read_header(directory: str, want: dict) -> Optional[dict]:
+    """The header of the checkpoint in ``directory``, or None when there is none.  Raises
+    ``ValueError`` naming the options or layers that differ from this run (``want``)."""
+    path = os.path.join(directory, HEADER)
     if not os.path.isfile(path):
+        if os.path.isfile(os.path.join(directory, LEGACY)):
+            raise ValueError(f"{os.path.join(directory, LEGACY)}: a checkpoint in patchc's former single-file "
+                             f"format (version 1); this version reads sharded checkpoints (version {VERSION}). "
+                             "Finish that run with the patchc that wrote it, or remove the file to start over")
         return None
-    with safe_open(path, framework="pt") as f:
-        header = json.loads((f.metadata() or {}).get("patchc", "{}"))
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    with open(path) as f:
+        header = json.load(f)
     if header.get("format") != FORMAT or header.get("version") != VERSION:
         raise ValueError(f"{path}: not a patchc learning checkpoint (version {VERSION})")
-    now = {k: cfg.to_dict()[k] for k in MUST_MATCH}
-    diff = [f"{k}: checkpoint {header['config'].get(k)!r} vs now {now[k]!r}"
-            for k in MUST_MATCH if json.dumps(header["config"].get(k)) != json.dumps(now[k])]
+    diff = [f"{k}: checkpoint {header['config'].get(k)!r} vs now {want['config'][k]!r}"
+            for k in MUST_MATCH if json.dumps(header["config"].get(k)) != json.dumps(want["config"][k])]
     if diff:
         raise ValueError(f"{path}: cannot resume, LearnConfig differs from the checkpointed run: " + "; ".join(diff))
-    want = {n: list(s) for n, s in shapes.items()}
-    if header["layers"] != want:
-        bad = sorted(set(header["layers"]) ^ set(want)) or [n for n in want if header["layers"].get(n) != want[n]]
+    if header["layers"] != want["layers"]:
+        have, now = header["layers"], want["layers"]
+        bad = sorted(set(have) ^ set(now)) or [n for n in now if have.get(n) != now[n]]
         raise ValueError(f"{path}: cannot resume, the checkpoint covers different layers or shapes: {bad[:5]}")
-    return {"header": header, "tensors": tensors, "path": path}
+    if not os.path.isdir(os.path.join(directory, header["dir"])):
+        raise ValueError(f"{path}: its shard directory {header['dir']!r} is missing")
+    header["path"] = os.path.join(directory, header["dir"])
+    return header
 
 
-def restore_state(ckpt: dict, layers, adam: Adam, gen: torch.Generator) -> int:
-    """Load logits, Adam and RNG states from ``ckpt``; returns the step to continue at."""
-    t = ckpt["tensors"]
-    with torch.no_grad():
-        for layer in layers:
-            layer.tile_logits.copy_(t[f"{layer.name}.tile_logits"])
-            if layer.pattern_logits is not None:
-                layer.pattern_logits.copy_(t[f"{layer.name}.pattern_logits"])
-        for i, (m, v) in enumerate(zip(adam.m, adam.v)):
-            m.copy_(t[f"adam.m.{i}"])
-            v.copy_(t[f"adam.v.{i}"])
-    adam.t = int(ckpt["header"]["adam_t"])
-    gen.set_state(t["rng.gumbel"])
-    return int(ckpt["header"]["next_step"])
+def load(header: dict, states, adam: Adam, gen: torch.Generator, dist) -> int:
+    """Fill logits, moments and the generator from the checkpoint (resharded to this run's
+    sharding); returns the step to continue at."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    sd = state_dict(states, adam, gen, 0)
+    with torch.no_grad(), _quiet():
+        dcp.load(sd, storage_reader=HuggingFaceStorageReader(header["path"]), no_dist=not dist.group)
+    adam.t = int(sd["adam.step"])
+    gen.set_state(sd["rng.gumbel"])
+    return int(sd["next_step"])
 
 
-def checkpoint_mask24(ckpt: dict, name: str, shape) -> torch.Tensor:
-    """The prior 2:4 mask a checkpoint stored for layer ``name``."""
-    return unpack_bits(ckpt["tensors"][f"{name}.mask24"], tuple(shape))
+def read_tensors(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(header, every tensor of the checkpoint whole, on the CPU) — for inspecting a run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    with open(os.path.join(directory, HEADER)) as f:
+        header = json.load(f)
+    reader = HuggingFaceStorageReader(os.path.join(directory, header["dir"]))
+    meta = reader.read_metadata().state_dict_metadata
+    out = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.items()}
+    with _quiet():
+        dcp.load(out, storage_reader=HuggingFaceStorageReader(os.path.join(directory, header["dir"])), no_dist=True)
+    return header, out
+
+
+def read_patterns(header: dict, shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """Tile mode: the fixed 2:4 patterns of every layer, whole (each rank reads them itself)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    out = {f"{n}.pattern24": torch.empty((s[0], s[1] // 4), dtype=torch.uint8) for n, s in shapes.items()}
+    with _quiet():
+        dcp.load(out, storage_reader=HuggingFaceStorageReader(header["path"]), no_dist=True)
+    return {n: out[f"{n}.pattern24"] for n in shapes}

@@ -78,7 +78,10 @@ def cmd_learn(args) -> int:
                       include=args.include, exclude=args.exclude, seed=args.seed, device=args.device,
                       dtype=args.dtype, grad_checkpointing=args.grad_checkpointing, loss=args.loss,
                       checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                      resume=args.resume, log_path=args.log, progress=not args.no_progress)
+                      resume=args.resume, log_path=args.log, progress=not args.no_progress,
+                      state_dtype=args.state_dtype, recompute_masks=args.recompute_masks, strategy=args.strategy,
+                      offload_optimizer=args.offload_optimizer, batches_per_step=args.batches_per_step,
+                      prior_sequential=args.prior_sequential)
     model = load_model(args.model, cfg.dtype)
     plan = learn_masks(model, _batches(args, args.model), cfg)
     import torch.distributed as dist
@@ -132,12 +135,14 @@ def cmd_import_masks(args) -> int:
 
 def register(subparsers) -> None:
     """Add ``learn``, ``prune`` and ``import-masks`` to an argparse subparsers object."""
-    from .config import DEFAULT_KAPPA_TILE, LOSSES, MODES, PRIORS
+    from .config import DEFAULT_KAPPA_TILE, LOSSES, MODES, PRIORS, STATE_DTYPES, STRATEGIES
     from .pruners import METHODS
 
     p = subparsers.add_parser("learn", help="learn a hybrid dense/2:4 tile plan (PATCH-Tile / PATCH-Joint)",
                               description="Learn which tiles stay dense and which are 2:4, over frozen weights. "
-                                          "Runs under torchrun (each rank a shard of the samples).")
+                                          "Runs under torchrun: each rank runs its share of every step's "
+                                          "batches; --strategy fsdp shards the model and the learning state "
+                                          "across the ranks (FSDP2), for 7B-8B models.")
     _model_args(p)
     _data_args(p)
     p.add_argument("--mode", choices=MODES, default="tile",
@@ -159,11 +164,37 @@ def register(subparsers) -> None:
     p.add_argument("--lambda1", type=float, default=5.0, help="weight of the density penalty (default: 5)")
     p.add_argument("--lambda2", type=float, default=0.1, help="weight of the decaying magnitude term (default: 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Gumbel noise (default: 0)")
-    p.add_argument("--device", default=None, help="device for learning, e.g. cuda (default: where the model is)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute decoder-block activations in backward")
-    p.add_argument("--checkpoint-dir", default=None, help="directory for periodic checkpoints and the JSON-lines log")
+    p.add_argument("--prior-sequential", action="store_true",
+                   help="calibrate the wanda/sparsegpt prior block by block on the outputs of the blocks before it "
+                        "already pruned 2:4 (SparseGPT's protocol; default: on the dense model's activations)")
+    p.add_argument("--device", default=None,
+                   help="device for learning, e.g. cuda; under torchrun each rank takes the GPU of its LOCAL_RANK "
+                        "(default: where the model is)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="auto",
+                   help="with several ranks: ddp (every rank holds the model and learning state, gradients "
+                        "averaged), fsdp (FSDP2: weights, logits, gradients and Adam states sharded across ranks), "
+                        "auto (fsdp from ~1B parameters on) (default: auto)")
+    p.add_argument("--batches-per-step", type=int, default=None, metavar="N",
+                   help="batches per optimisation step, split across the ranks (default: one per rank); a run "
+                        "gives the same plan on any number of ranks that divides N")
+    p.add_argument("--state-dtype", choices=STATE_DTYPES, default="float32",
+                   help="dtype of the logits and their Adam moments: float32 (joint mode: 18 B per weight) or "
+                        "bfloat16 (9 B per weight) (default: float32)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each decoder block in backward: its activations and the masks built in it")
+    p.add_argument("--recompute-masks", action="store_true",
+                   help="rebuild each linear's mask in its backward instead of keeping it (joint: the 2:4 softmax, "
+                        "6 B per weight, all layers; tile: W*M24, the weight's bytes again); one layer's mask alive "
+                        "at a time, for more step time")
+    p.add_argument("--offload-optimizer", action="store_true",
+                   help="keep the Adam moments on the CPU and update there (with fsdp: FSDP2's CPUOffloadPolicy, "
+                        "parameter shards and gradients on the CPU too)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="directory for periodic checkpoints (sharded: each rank writes its safetensors shard) and the "
+                        "JSON-lines log")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default: 50)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --checkpoint-dir (on the same or another number of ranks)")
     p.add_argument("--log", default=None, help="JSON-lines log file (default: CHECKPOINT_DIR/learn_log.jsonl)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_learn)

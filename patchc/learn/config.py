@@ -13,6 +13,11 @@ from ..types import _check_tile
 MODES = ("tile", "joint")
 PRIORS = ("magnitude", "wanda", "sparsegpt")
 LOSSES = ("lm", "distill")
+STRATEGIES = ("auto", "ddp", "fsdp")
+STATE_DTYPES = ("float32", "bfloat16")
+# strategy="auto" shards with FSDP2 from this many model parameters on (about 1 B: the joint mode's
+# 18 B of learning state per weight then passes 18 GB per rank unsharded)
+FSDP_AUTO_PARAMS = 1_000_000_000
 # The paper's schedules: tile logit scale kappa for PATCH-Joint / PATCH-Tile.
 DEFAULT_KAPPA_TILE = {"joint": (25.0, 350.0), "tile": (100.0, 500.0)}
 
@@ -56,10 +61,37 @@ class LearnConfig:
         blocks (not the embeddings, not the LM head).
     seed: seeds the Gumbel noise; equal seeds give equal plans (also across a resume).
     device, dtype: where and in which precision the frozen weights live during learning (the
-        model is moved there, like ``model.to``); logits are always float32.
-    grad_checkpointing: recompute each decoder block's activations in backward (torch.utils.checkpoint).
-    checkpoint_dir, checkpoint_every, resume: periodic safetensors+JSON checkpoints (no pickle);
-        ``resume=True`` continues from the checkpoint in ``checkpoint_dir`` when there is one.
+        model is moved there, like ``model.to``).  Under torchrun a CUDA device means the GPU of
+        the process's ``LOCAL_RANK``.
+    state_dtype: precision of the learning state, the logits and their Adam moments:
+        ``"float32"`` (18 B per weight in joint mode) or ``"bfloat16"`` (9 B per weight; each
+        layer's mask and Adam update are still computed in float32, the results rounded to bf16).
+    grad_checkpointing: recompute each decoder block in backward (torch.utils.checkpoint) — its
+        activations and the relaxed masks of its linears, which are built inside their forward —
+        so one block's masks and activations are alive at a time instead of every block's.
+    recompute_masks: rebuild each linear's relaxed mask in that linear's backward instead of
+        keeping it: joint mode redraws the Gumbel noise from the saved generator state instead
+        of keeping the 2:4 softmax (6 B per weight, every layer), for one more mask build per
+        step; tile mode rebuilds W ⊙ M_2:4 from the fixed patterns (0.25 B per weight) in every
+        forward and backward instead of keeping it (the weight's bytes again), for ~40 % more
+        step time (SmolLM2-135M fp32, CPU).  One layer's mask is then alive at a time.
+    strategy: with several ranks (torchrun): ``"ddp"`` keeps the whole model and learning state
+        on every rank and averages the logit gradients; ``"fsdp"`` shards every decoder block
+        with FSDP2 (``fully_shard``): frozen weights, logits, Adam states and gradients are split
+        across the ranks; ``"auto"`` is fsdp from ~1 B model parameters on, ddp below.
+    offload_optimizer: keep the Adam moments on the CPU and update there (with fsdp: FSDP2's
+        ``CPUOffloadPolicy``, which keeps the parameter shards and gradients on the CPU too).
+    batches_per_step: batches whose mean loss makes one step, split across the ranks (each runs
+        its share and the gradients are accumulated); ``None`` = one batch per rank.  Step ``s``
+        reads batches ``s·B … s·B+B−1`` (cycling), so a run gives the same plan on any number of
+        ranks that divides ``B``.
+    prior_sequential: calibrate the wanda / sparsegpt prior one decoder block at a time on the
+        outputs of the blocks before it already pruned 2:4 (SparseGPT's own protocol); default:
+        every block sees the dense model's activations.
+    checkpoint_dir, checkpoint_every, resume: periodic sharded checkpoints written with
+        ``torch.distributed.checkpoint`` as safetensors files (each rank writes its shards; no
+        pickle) plus a JSON header; ``resume=True`` continues from the checkpoint in
+        ``checkpoint_dir`` when there is one, on the same or another number of ranks.
     loss: ``"lm"`` (next-token cross-entropy) or ``"distill"`` (KL to the same model run with its
         masks switched off, under no_grad).
     log_path: JSON-lines log, one record per step (default ``checkpoint_dir/learn_log.jsonl``).
@@ -86,7 +118,13 @@ class LearnConfig:
     seed: int = 0
     device: Optional[str] = None
     dtype: Optional[object] = None
+    state_dtype: object = "float32"
     grad_checkpointing: bool = False
+    recompute_masks: bool = False
+    strategy: str = "auto"
+    offload_optimizer: bool = False
+    batches_per_step: Optional[int] = None
+    prior_sequential: bool = False
     checkpoint_dir: Optional[str] = None
     checkpoint_every: int = 50
     resume: bool = False
@@ -105,6 +143,14 @@ class LearnConfig:
         self.tile = _check_tile(self.tile)
         if not 0.0 < float(self.prior_sparsity) < 1.0:
             raise ValueError(f"LearnConfig.prior_sparsity must be in (0, 1), got {self.prior_sparsity!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"LearnConfig.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        self.state_dtype = parse_dtype(self.state_dtype)
+        if str(self.state_dtype).replace("torch.", "") not in STATE_DTYPES:
+            raise ValueError(f"LearnConfig.state_dtype must be one of {STATE_DTYPES}, got {self.state_dtype!r}")
+        if self.batches_per_step is not None and (int(self.batches_per_step) != self.batches_per_step
+                                                  or self.batches_per_step < 1):
+            raise ValueError(f"LearnConfig.batches_per_step must be a positive integer, got {self.batches_per_step!r}")
         for name in ("steps", "calib_batches", "checkpoint_every"):
             v = getattr(self, name)
             if int(v) != v or v < (0 if name == "steps" else 1):
@@ -147,6 +193,7 @@ class LearnConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["dtype"] = None if self.dtype is None else str(self.dtype).replace("torch.", "")
+        d["state_dtype"] = str(self.state_dtype).replace("torch.", "")
         d["tile"], d["tau"] = list(self.tile), list(self.tau)
         d["kappa_tile"], d["kappa_24"] = list(self.tile_kappa), list(self.kappa_24)
         d["lr_24"] = self.pattern_lr

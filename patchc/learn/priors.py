@@ -14,17 +14,24 @@ from torch import nn
 
 from ..modules import oriented_weight
 from ..prune import tile_sizes
-from ..types import sparse_allowed
-from .masking import LayerMask, pattern_index
-from .pruners import method_masks, tile_density
+from ..types import grid_of, sparse_allowed
+from .masking import pattern_index
+from .pruners import prune_layers, tile_density
+from .state import MaskState
 
 
-def compute_priors(model: nn.Module, mods: dict[str, nn.Module], batches, cfg) -> dict[str, dict]:
-    """Per linear: ``{"mask24": bool [N, K], "density": float64 [nN, nK]}`` from ``cfg.prior``."""
+def compute_priors(model: nn.Module, mods: dict[str, nn.Module], batches, cfg, device=None,
+                   progress: bool = False) -> dict[str, dict]:
+    """Per linear: ``{"pattern24": uint8 [N, K//4], "density": float64 [nN, nK]}`` from ``cfg.prior``:
+    the 2:4 pattern index of every group of the one-shot 2:4 mask, and each tile's density in
+    the unstructured one (``prior_sparsity``).  Streams: one layer's masks are alive at a time."""
     calib = batches[: cfg.calib_batches] if cfg.prior != "magnitude" else None
-    res = method_masks(model, mods, calib, cfg.prior, ["2:4", "unstructured"], cfg.prior_sparsity)
-    return {name: {"mask24": r["2:4"], "density": tile_density(r["unstructured"], cfg.tile)}
-            for name, r in res.items()}
+
+    def keep(name, r):
+        return {"pattern24": pattern_index(r["2:4"]).to(torch.uint8),
+                "density": tile_density(r["unstructured"], cfg.tile)}
+    return prune_layers(model, mods, calib, cfg.prior, ["2:4", "unstructured"], cfg.prior_sparsity,
+                        sequential=cfg.prior_sequential, device=device, keep=keep, progress=progress)
 
 
 def centred_tile_logits(density: dict[str, torch.Tensor], sizes: dict[str, torch.Tensor],
@@ -54,20 +61,37 @@ def centred_tile_logits(density: dict[str, torch.Tensor], sizes: dict[str, torch
     return {n: ((density[n].double() - c) / sigma).float() for n in names}
 
 
-def build_layers(mods: dict[str, nn.Module], priors: dict[str, dict], cfg) -> list[LayerMask]:
+def build_states(mods: dict[str, nn.Module], priors: dict[str, dict], cfg) -> dict[str, MaskState]:
     """The learnable state of every planned linear, initialised from the priors."""
     shapes = {n: tuple(oriented_weight(m).shape) for n, m in mods.items()}
     sizes = {n: tile_sizes(shapes[n], cfg.tile) for n in mods}
     allowed = {n: sparse_allowed(cfg.tile, shapes[n]) for n in mods}
     centred = centred_tile_logits({n: priors[n]["density"] for n in mods}, sizes, allowed, cfg.target_sparsity)
-    layers = []
+    states = {}
     for name, mod in mods.items():
         # logits live in "s" units; the forward multiplies by κ, so divide by κ at step 0
         tile_logits = cfg.prior_strength * centred[name] / cfg.tile_kappa[0]
         pattern_logits = None
+        idx = priors[name]["pattern24"]
         if cfg.mode == "joint":
-            idx = pattern_index(priors[name]["mask24"])
-            onehot = torch.nn.functional.one_hot(idx, 6).permute(2, 0, 1).float()     # [6, N, K/4]
+            onehot = torch.nn.functional.one_hot(idx.long(), 6).permute(2, 0, 1).float()     # [6, N, K/4]
             pattern_logits = onehot * (cfg.prior_strength / cfg.kappa_24[0])
-        layers.append(LayerMask(name, mod, cfg.tile, cfg.mode, priors[name]["mask24"], tile_logits, pattern_logits))
-    return layers
+            del onehot
+        states[name] = MaskState(name, mod, cfg.tile, cfg.mode, tile_logits, pattern_logits, idx, cfg.state_dtype,
+                                 keep_w24=not cfg.recompute_masks)
+    return states
+
+
+def broadcast_priors(priors: dict[str, dict], shapes: dict[str, tuple], tile, dist) -> dict[str, dict]:
+    """Every rank takes rank 0's priors (ranks that computed them agree already; this makes sure)."""
+    if not dist.group:
+        return priors
+    out = {}
+    for name, shape in shapes.items():
+        n, k = shape
+        mine = priors.get(name) if priors else None
+        idx = mine["pattern24"] if mine else torch.zeros(n, k // 4, dtype=torch.uint8)
+        den = mine["density"] if mine else torch.zeros(grid_of(shape, tile), dtype=torch.float64)
+        dist.broadcast_([idx, den])
+        out[name] = {"pattern24": idx, "density": den}
+    return out

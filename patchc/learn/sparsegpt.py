@@ -8,6 +8,8 @@ updates of the previous ones); work inside a column is vectorised over all rows.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -34,12 +36,15 @@ def _inverse_hessian_factor(hess: torch.Tensor, w: torch.Tensor, percdamp: float
 
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, hess: torch.Tensor, sparsity: float = 0.5, pattern: str = "2:4",
-                    blocksize: int = 128, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+                    blocksize: int = 128, percdamp: float = 0.01,
+                    mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune one (out, in) weight with its calibration Hessian ``hess`` = 2·XᵀX/n [in, in].
 
     ``pattern="2:4"`` keeps 2 of every 4 consecutive weights along K (a partial last group is
-    kept); ``"unstructured"`` prunes ``sparsity`` of each block's weights.  Returns
-    ``(keep_mask bool [N, K], updated weight float32 [N, K])``; ``weight`` itself is not modified.
+    kept); ``"unstructured"`` prunes ``sparsity`` of each block's weights.  ``mask``: a given bool
+    keep-mask [N, K] instead of choosing one (the OBS update of the kept weights with the mask
+    fixed, e.g. a learned plan's).  Returns ``(keep_mask bool [N, K], updated weight float32
+    [N, K])``; ``weight`` itself is not modified.
     """
     w = weight.detach().float().clone()
     n, k = w.shape
@@ -54,7 +59,9 @@ def sparsegpt_prune(weight: torch.Tensor, hess: torch.Tensor, sparsity: float = 
         err1 = torch.zeros_like(w1)
         h1 = hinv[i1:i2, i1:i2]
         d1 = torch.diag(h1)
-        if pattern == "unstructured":
+        if mask is not None:
+            m1 = ~mask[:, i1:i2].to(w.device, torch.bool)
+        elif pattern == "unstructured":
             sal = w1 ** 2 / d1[None, :] ** 2
             n_prune = int(sal.numel() * sparsity)
             m1 = torch.zeros_like(w1, dtype=torch.bool)
@@ -64,7 +71,7 @@ def sparsegpt_prune(weight: torch.Tensor, hess: torch.Tensor, sparsity: float = 
             m1 = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(count):
             col = i1 + i
-            if pattern != "unstructured" and col % 4 == 0 and col + 4 <= k4:
+            if mask is None and pattern != "unstructured" and col % 4 == 0 and col + 4 <= k4:
                 # choose the group's 2 pruned weights with the *updated* values (OBS saliency)
                 sal = w1[:, i:i + 4] ** 2 / d1[i:i + 4][None, :] ** 2
                 m1.scatter_(1, i + torch.topk(sal, 2, dim=1, largest=False).indices, True)

@@ -3,9 +3,13 @@
 loss = task + λ1·|soft sparsity − target| − λ2·(1 − t/T)·‖M⊙W‖/‖W‖, where task is the
 next-token cross-entropy (``loss="lm"``) or the KL divergence to the dense model's own output
 (``loss="distill"``: the same modules run with their masks switched off, under no_grad).
-Only the mask logits receive gradients.  Under torch.distributed every rank runs a shard of the
-batches with identical Gumbel noise; logit gradients are averaged with an all-reduce, so all
-ranks hold the same logits and extract the same plan; rank 0 writes the files.
+Only the mask logits receive gradients.  They live on the linears they mask
+(:mod:`patchc.learn.state`); each linear draws its mask in its own forward.  Each logit tensor is
+updated by Adam as soon as its gradient is final, during backward, and the gradient freed.
+
+Under torch.distributed (:mod:`patchc.learn.dist`) every rank runs its share of each step's
+batches with identical Gumbel noise and the gradients are averaged (``ddp``) or reduce-scattered
+(``fsdp``), so all ranks hold the same logits and extract the same plan; rank 0 writes the files.
 """
 from __future__ import annotations
 
@@ -17,62 +21,22 @@ import time
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..modules import fingerprint, oriented_weight
 from ..plan import MaskPlan
 from ..prune import check_tile_fits, select_sparse_tiles
+from ..modules import oriented_weight
 from ..types import grid_of
-from .calib import decoder_blocks, default_linears, materialize, model_device, output_logits, to_device
-from .checkpoint import Adam, checkpoint_mask24, read_checkpoint, restore_state, save_checkpoint
+from . import checkpoint as ckpt_io
+from .calib import decoder_blocks, default_linears, materialize, model_device, to_device
 from .config import LearnConfig
-from .masking import LayerMask, install, uninstall
-from .priors import build_layers, compute_priors
+from .dist import Dist, setup
+from .losses import task_loss
+from .optim import Adam
+from .priors import broadcast_priors, build_states, compute_priors
+from .state import MaskState, StepContext, attach, detach
 
 log = logging.getLogger("patchc")
-
-
-def _dist_info() -> tuple[int, int]:
-    """(rank, world size); joins the process group torchrun describes when none is set up yet."""
-    import torch.distributed as dist
-    if not dist.is_available():
-        return 0, 1
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        log.info("patchc: joined a %s process group of %d ranks", dist.get_backend(), dist.get_world_size())
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def task_loss(model: nn.Module, layers: list[LayerMask], inputs: dict, kind: str) -> torch.Tensor:
-    """Next-token CE ("lm") or KL(dense ‖ masked) ("distill") on one batch, mean over real tokens."""
-    inputs = dict(inputs)
-    labels = inputs.pop("labels", None)
-    if labels is None:
-        if "input_ids" not in inputs:
-            raise ValueError("batches: a dict batch without 'input_ids' needs 'labels' for the loss")
-        labels = inputs["input_ids"].clone()
-        if "attention_mask" in inputs:
-            labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)
-    if kind == "distill":
-        for layer in layers:
-            layer.enabled = False
-        try:
-            with torch.no_grad():
-                teacher = output_logits(model(**inputs)).float()
-        finally:
-            for layer in layers:
-                layer.enabled = True
-    logits = output_logits(model(**inputs)).float()
-    if kind == "lm":
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                               ignore_index=-100)
-    valid = (labels != -100).reshape(-1)
-    logp_s = F.log_softmax(logits, -1).reshape(-1, logits.shape[-1])[valid]
-    logp_t = F.log_softmax(teacher, -1).reshape(-1, logits.shape[-1])[valid]
-    return F.kl_div(logp_s, logp_t, log_target=True, reduction="batchmean")
 
 
 def _prepare_model(model: nn.Module, cfg: LearnConfig) -> dict:
@@ -110,18 +74,20 @@ def _restore_model(model: nn.Module, saved: dict) -> None:
     model.train(saved["training"])
 
 
-def hard_plan(model: nn.Module, layers: list[LayerMask], cfg: LearnConfig, steps_done: int) -> MaskPlan:
+def hard_plan(states: list[MaskState], cfg: LearnConfig, steps_done: int, shapes: dict, full) -> MaskPlan:
     """Rank all tiles on their learned logits across layers (parameter-weighted) so the plan
-    meets the target sparsity exactly (±0.5 %, or the closest the grid allows, with a warning)."""
-    costs = {ly.name: ly.tile_logits.detach().float().cpu() for ly in layers}
-    sizes = {ly.name: ly.sizes.double().cpu() for ly in layers}
-    allowed = {ly.name: ly.allowed.cpu() for ly in layers}
+    meets the target sparsity exactly (±0.5 %, or the closest the grid allows, with a warning).
+    ``full(t)`` gives a parameter whole (all ranks take part when it is sharded)."""
+    costs = {st.name: full(st.tile_logits).detach().float().cpu() for st in states}
+    sizes = {st.name: st.sizes.double().cpu() for st in states}
+    allowed = {st.name: st.allowed.cpu() for st in states}
     kinds = select_sparse_tiles(costs, sizes, allowed, cfg.target_sparsity)
-    masks = {ly.name: ly.to_tilemask(kinds[ly.name]) for ly in layers}
+    masks = {st.name: st.to_tilemask(kinds[st.name], full) for st in states}
     plan = MaskPlan(masks, {"tile": list(cfg.tile), "method": f"patch-{cfg.mode}", "prior": cfg.prior,
                             "target_sparsity": cfg.target_sparsity, "steps": steps_done, "seed": cfg.seed,
                             "loss": cfg.loss, "lr": cfg.lr,
-                            **({"lr_24": cfg.pattern_lr} if cfg.mode == "joint" else {}), "fingerprint": fingerprint(model, list(masks))})
+                            **({"lr_24": cfg.pattern_lr} if cfg.mode == "joint" else {}),
+                            "fingerprint": {n: list(shapes[n]) for n in masks}})
     plan.meta["per_layer_sparsity"] = {n: round(m.sparsity(), 6) for n, m in masks.items()}
     log.info("patchc: learned plan, global sparsity %.4f (target %.4f)", plan.sparsity(), cfg.target_sparsity)
     for n, row in plan.per_layer().items():
@@ -137,112 +103,148 @@ def learn_masks(model: nn.Module, batches, config: Optional[LearnConfig] = None,
     (read once; steps cycle over it).  ``config``: a :class:`LearnConfig`; keyword ``overrides``
     replace its fields.  ``callback(step, record)`` is called after every step with that step's
     log record.  The model is restored exactly afterwards (forwards, ``requires_grad``, mode);
-    only ``config.device``/``config.dtype`` move it, like ``model.to``.  Returns the hard plan.
+    only ``config.device``/``config.dtype`` move it, like ``model.to``.  With
+    ``strategy="fsdp"`` (several ranks) its modules are left sharded by FSDP2's ``fully_shard``
+    (weights unchanged; reload the model to use it unsharded).  Returns the hard plan, on every rank.
     """
     cfg = dataclasses.replace(config or LearnConfig(), **overrides) if overrides else (config or LearnConfig())
     data = materialize(batches)
-    rank, world = _dist_info()
-    dev = cfg.device
-    if world > 1 and dev == "cuda":                 # torchrun: one GPU per local rank
-        dev = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
-    if dev is not None or cfg.dtype is not None:
-        model.to(device=dev, dtype=cfg.dtype)
-    device = model_device(model)
+    dist = setup(cfg, model)
+    fsdp = dist.strategy == "fsdp"
+    if cfg.dtype is not None or (dist.device is not None and not fsdp):
+        model.to(device=None if fsdp else dist.device, dtype=cfg.dtype)     # fsdp moves each shard itself
+    device = dist.device if fsdp and dist.device is not None else model_device(model)
     mods = default_linears(model, cfg.include, cfg.exclude, what="learn_masks")
     shapes = {n: tuple(oriented_weight(m).shape) for n, m in mods.items()}
     for n, s in shapes.items():
         check_tile_fits(n, s, cfg.tile)
-    shard = data[rank::world]
-    if not shard:
-        raise ValueError(f"batches: {len(data)} batches cannot feed {world} ranks (rank {rank} gets none)")
-    ckpt = read_checkpoint(cfg.checkpoint_dir, cfg, shapes) if cfg.resume else None
-    if ckpt is None:
-        priors = compute_priors(model, mods, data, cfg)
-    else:
-        # the logits come from the checkpoint; only the fixed 2:4 prior is needed
-        priors = {n: {"mask24": checkpoint_mask24(ckpt, n, s), "density": torch.zeros(grid_of(s, cfg.tile))}
-                  for n, s in shapes.items()}
-    layers = build_layers(mods, priors, cfg)
-    params = [p for layer in layers for p in layer.params]
-    adam = Adam(params, [cfg.lr if p is layer.tile_logits else cfg.pattern_lr for layer in layers for p in layer.params])
+    per_step = cfg.batches_per_step or dist.world
+    if per_step % dist.world:
+        raise ValueError(f"LearnConfig.batches_per_step={per_step} cannot be split evenly over {dist.world} ranks")
+    want = ckpt_io.header_of(cfg, shapes, per_step)
+    header = ckpt_io.read_header(cfg.checkpoint_dir, want) if cfg.resume else None
+    states = _initial_states(model, mods, shapes, data, cfg, dist, header, device if fsdp else None)
+    total = float(sum(st.sizes.sum() for st in states.values()))
+    w_sq = sum(st.w_sq for st in states.values())
     gen = torch.Generator(device=device)       # all the noise; the global RNG is left alone
     gen.manual_seed(cfg.seed)
-    start = restore_state(ckpt, layers, adam, gen) if ckpt else 0
-    if ckpt:
-        log.info("patchc: resuming from %s at step %d", ckpt["path"], start)
-    if world > 1:
-        _broadcast(params)
-    w_sq = sum(layer.w_sq for layer in layers)
-    total = float(sum(layer.sizes.sum() for layer in layers))
-    logf = _open_log(cfg, rank, start)
-    bar = _progress(cfg, rank, start)
+    ctx = StepContext(gen, recompute=cfg.recompute_masks and cfg.mode == "joint")
     saved_model = _prepare_model(model, cfg)
-    saved_fwd = install(layers)
-    use_cache = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+    attached = attach(mods, states, ctx)
+    hooks, logf, bar = [], None, None
     try:
+        if fsdp:
+            found = decoder_blocks(model)
+            dist.shard(model, found[1] if found else None, cfg.offload_optimizer)
+        order = list(states.values())
+        adam = _adam(order, cfg)
+        params = adam.params
+        start = ckpt_io.load(header, order, adam, gen, dist) if header else 0
+        if header:
+            log.info("patchc: resuming from %s at step %d", header["path"], start)
+        sync = _Sync()
+        hooks = [p.register_post_accumulate_grad_hook(_updater(adam, i, sync, dist)) for i, p in enumerate(params)]
+        logf = _open_log(cfg, dist.rank, start)
+        bar = _progress(cfg, dist.rank, start)
+        use_cache = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
         for step in range(start, cfg.steps):
-            batch = {**to_device(shard[step % len(shard)], device), **use_cache}
-            rec = _step(model, layers, batch, cfg, step, gen, adam, world, total, w_sq)
+            mine = [(step * per_step + j) % len(data) for j in range(per_step)][dist.rank::dist.world]
+            rec = _step(model, order, ctx, [{**to_device(data[i], device), **use_cache} for i in mine], cfg, step,
+                        adam, sync, dist, total, w_sq)
             if logf:
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
             if bar is not None:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", density=f"{rec['soft_density']:.4f}", tau=f"{rec['tau']:.3f}")
                 bar.update(1)
-            if cfg.checkpoint_dir and rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-                save_checkpoint(cfg.checkpoint_dir, step + 1, layers, adam, gen, cfg)
+            if cfg.checkpoint_dir and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+                ckpt_io.save(cfg.checkpoint_dir, step + 1, order, adam, gen, want, dist)
             if callback is not None:
                 callback(step, rec)
+        plan = hard_plan(order, cfg, cfg.steps, shapes, Dist.full)
     finally:
-        uninstall(layers, saved_fwd)
+        for h in hooks:
+            h.remove()
+        detach(attached)
         _restore_model(model, saved_model)
         if bar is not None:
             bar.close()
         if logf:
             logf.close()
-    return hard_plan(model, layers, cfg, cfg.steps)
+    return plan
 
 
-def _step(model, layers: list[LayerMask], batch: dict, cfg: LearnConfig, step: int, gen, adam: Adam,
-          world: int, total: float, w_sq: float) -> dict:
-    """One optimisation step; returns its log record."""
+def _initial_states(model, mods, shapes, data, cfg, dist: Dist, header, device) -> dict[str, MaskState]:
+    """Every linear's learning state: from the one-shot prior (computed on every rank, rank 0's
+    kept), or — resuming — placeholders the checkpoint fills (tile mode reads its fixed 2:4
+    patterns now: the per-tile norms are computed from them before any sharding)."""
+    if header is None:
+        priors = compute_priors(model, mods, data, cfg, device=device,
+                                progress=cfg.progress and dist.rank == 0 and cfg.prior != "magnitude")
+        priors = broadcast_priors(priors, shapes, cfg.tile, dist)
+    else:
+        pats = ckpt_io.read_patterns(header, shapes) if cfg.mode == "tile" else {}
+        priors = {n: {"pattern24": pats.get(n, torch.zeros(s[0], s[1] // 4, dtype=torch.uint8)),
+                      "density": torch.zeros(grid_of(s, cfg.tile), dtype=torch.float64)} for n, s in shapes.items()}
+    return build_states(mods, priors, cfg)
+
+
+def _adam(states: list[MaskState], cfg: LearnConfig) -> Adam:
+    """Adam over every logit tensor (sharded ones on their local shard): ``lr`` for the tile
+    logits, ``pattern_lr`` for the 2:4 pattern logits."""
+    params, keys, lrs = [], [], []
+    for st in states:
+        for kind, p, lr in (("tile_logits", st.tile_logits, cfg.lr), ("pattern_logits", st.pattern_logits,
+                                                                      cfg.pattern_lr)):
+            if p is not None:
+                params.append(p)
+                keys.append(f"{st.name}.{kind}")
+                lrs.append(lr)
+    return Adam(params, lrs, offload=cfg.offload_optimizer, keys=keys)
+
+
+class _Sync:
+    """Whether the running backward is the step's last (only then are gradients final)."""
+    final = True
+
+
+def _updater(adam: Adam, i: int, sync: _Sync, dist: Dist):
+    def hook(p):
+        if sync.final:
+            dist.average_grad_(p)
+            adam.update(i)
+    return hook
+
+
+def _step(model, states: list[MaskState], ctx: StepContext, batches: list[dict], cfg: LearnConfig, step: int,
+          adam: Adam, sync: _Sync, dist: Dist, total: float, w_sq: float) -> dict:
+    """One optimisation step over this rank's batches (gradients accumulated); its log record."""
     t0 = time.perf_counter()
-    sched = cfg.schedule(step)
-    pruned, mag = zip(*(layer.sample(sched, gen) for layer in layers))
-    soft_sp = torch.stack(pruned).sum() / total
-    mag_ratio = (torch.stack(mag).sum() / w_sq).sqrt()
-    task = task_loss(model, layers, batch, cfg.loss)
-    loss = task + cfg.lambda1 * (soft_sp - cfg.target_sparsity).abs() - cfg.lambda2 * sched["decay"] * mag_ratio
-    adam.zero_grad()
-    loss.backward()
-    for layer in layers:
-        layer.current = None                     # free the masked weights before the next draw
-    if world > 1:
-        _allreduce_grads(adam.params, world)
-    adam.step()
-    loss, task, soft_sp, mag_ratio = (float(x.detach()) for x in (loss, task, soft_sp, mag_ratio))
+    sched = ctx.sched = cfg.schedule(step)
+    for st in states:
+        st.begin_step()
+    adam.begin_step()
+    sums = [0.0] * 4
+    for j, batch in enumerate(batches):
+        sync.final = j == len(batches) - 1
+        ctx.stats.clear()
+        ctx.collect = True
+        try:
+            task = task_loss(model, ctx, batch, cfg.loss)
+        finally:
+            ctx.collect = False
+        pruned, mag = zip(*ctx.stats)
+        ctx.stats.clear()
+        soft_sp = torch.stack(pruned).sum() / total
+        mag_ratio = (torch.stack(mag).sum() / w_sq).sqrt()
+        loss = task + cfg.lambda1 * (soft_sp - cfg.target_sparsity).abs() - cfg.lambda2 * sched["decay"] * mag_ratio
+        (loss if len(batches) == 1 else loss / len(batches)).backward()
+        for i, x in enumerate((loss, task, soft_sp, mag_ratio)):
+            sums[i] += float(x.detach()) / len(batches)
+    loss, task, soft_sp, mag_ratio = dist.mean(sums)
     return {"step": step, "loss": loss, "task_loss": task, "soft_sparsity": soft_sp, "soft_density": 1 - soft_sp,
             "magnitude": mag_ratio, "tau": sched["tau"], "kappa_tile": sched["kappa_tile"],
             "kappa_24": sched["kappa_24"], "seconds": round(time.perf_counter() - t0, 4)}
-
-
-def _broadcast(params) -> None:
-    import torch.distributed as dist
-    for p in params:
-        dist.broadcast(p.data, 0)
-
-
-def _allreduce_grads(params, world: int) -> None:
-    """Average the logit gradients over ranks in one flat all-reduce."""
-    import torch.distributed as dist
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    i = 0
-    for p in params:
-        p.grad = flat[i:i + p.numel()].view_as(p)
-        i += p.numel()
 
 
 def _open_log(cfg: LearnConfig, rank: int, start: int):

@@ -1,0 +1,93 @@
+"""The task losses of mask learning: next-token cross-entropy ("lm") and KL to the dense model
+("distill"), both averaged over the real tokens."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .calib import output_logits
+
+# logits rows per float32 chunk of the cross-entropy: 2^18 elements (1 MiB) per temporary
+_CHUNK_ELEMS = 1 << 18
+
+
+class _TokenCE(torch.autograd.Function):
+    """``F.cross_entropy(logits.float(), target, ignore_index=-100)`` over rows [R, V], without
+    a float32 copy of the logits: the float32 log-softmax is computed a few rows at a time, in
+    forward and again in backward, and the gradient is written in the logits' dtype.  Each row
+    goes through the same operations as in the unchunked call (``log_softmax``, the mean
+    ``nll_loss`` and their backward), so values and gradients are the same.  On a 32 000-word
+    vocabulary at 128 tokens this keeps 3 float32 logits-sized tensors (49 MB) from being alive
+    at once, which matters when the model is small next to its vocabulary."""
+
+    @staticmethod
+    def forward(ctx, logits, target, rows, order):
+        picked = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        ctx.save_for_backward(logits, target)
+        safe = target.clamp_min(0)[:, None]
+        for r0 in range(0, logits.shape[0], rows):
+            ls = torch.log_softmax(logits[r0:r0 + rows].float(), -1)
+            picked[r0:r0 + rows] = ls.gather(1, safe[r0:r0 + rows])[:, 0]
+        # the mean over the picked values (of the rows in ``order``) by the same kernel, in the same
+        # order, as the unchunked call
+        if order is not None:
+            picked, target = picked[order], target[order]
+        loss = F.nll_loss(picked[:, None], target.masked_fill(target != -100, 0), ignore_index=-100)
+        ctx.rows = rows
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        logits, target = ctx.saved_tensors
+        rows = ctx.rows
+        valid = target != -100
+        # nll_loss's backward (mean): −g / (number of counted rows) at each row's target
+        val = -(g / valid.sum().to(torch.float32))
+        grad = torch.empty_like(logits)
+        for r0 in range(0, logits.shape[0], rows):
+            ls = torch.log_softmax(logits[r0:r0 + rows].float(), -1)
+            gls = torch.zeros_like(ls)
+            t, ok = target[r0:r0 + rows], valid[r0:r0 + rows]
+            gls[ok.nonzero()[:, 0], t[ok]] = val
+            grad[r0:r0 + rows] = torch._log_softmax_backward_data(gls, ls, -1, torch.float32)
+        return grad, None, None, None
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of logits [B, T, V] against labels [B, T] (−100: ignored)."""
+    b, t, v = logits.shape
+    rows = max(1, _CHUNK_ELEMS // v)
+    if b == 1:
+        return _TokenCE.apply(logits[0, :-1], labels[0, 1:], rows, None)
+    # every position of the [B·T, V] view (no copy of the logits), each row's last one ignored;
+    # the mean runs over the [B, T−1] rows in their order
+    full = torch.cat([labels[:, 1:], labels.new_full((b, 1), -100)], 1).reshape(-1)
+    order = torch.arange(b * t, device=labels.device).view(b, t)[:, :-1].reshape(-1)
+    return _TokenCE.apply(logits.reshape(b * t, v), full, rows, order)
+
+
+def task_loss(model: nn.Module, ctx, inputs: dict, kind: str) -> torch.Tensor:
+    """Next-token CE ("lm") or KL(dense ‖ masked) ("distill") on one batch, mean over real tokens.
+    ``ctx``: the run's :class:`~patchc.learn.state.StepContext` (its masks are off for the teacher)."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels", None)
+    if labels is None:
+        if "input_ids" not in inputs:
+            raise ValueError("batches: a dict batch without 'input_ids' needs 'labels' for the loss")
+        labels = inputs["input_ids"].clone()
+        if "attention_mask" in inputs:
+            labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)
+    if kind == "lm":
+        return lm_loss(output_logits(model(**inputs)), labels)
+    ctx.masks_on = False
+    try:
+        with torch.no_grad():
+            teacher = output_logits(model(**inputs)).float()
+    finally:
+        ctx.masks_on = True
+    logits = output_logits(model(**inputs)).float()
+    valid = (labels != -100).reshape(-1)
+    logp_s = F.log_softmax(logits, -1).reshape(-1, logits.shape[-1])[valid]
+    logp_t = F.log_softmax(teacher, -1).reshape(-1, logits.shape[-1])[valid]
+    return F.kl_div(logp_s, logp_t, log_target=True, reduction="batchmean")
