@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 from typing import Optional, Union
 
+from patchc.caches import BoundedCache
 from patchc.files import atomic_write, cache_root
 
 from .kernels import GeneratedKernel
@@ -28,7 +29,7 @@ from .spec import KernelSpec, codegen_hash, versions
 # (an entry with both files but wrong contents was replaced), incomplete (one file missing: being
 # written by another process), memo (served from this process's memo without touching disk)
 stats: collections.Counter = collections.Counter()
-_MEMO: dict[tuple[str, str], GeneratedKernel] = {}
+_MEMO = BoundedCache("generated kernels", 4096)   # (key, root) -> GeneratedKernel
 _LOCK = threading.Lock()
 
 
@@ -88,7 +89,7 @@ def get_kernel(spec: KernelSpec, cache_dir=None) -> GeneratedKernel:
             source = render(spec)
             _write_entry(d, spec, key, source)
         gk = GeneratedKernel(spec=spec, key=key, source=source, path=d / "kernel.py", cache_hit=hit)
-        _MEMO[memo_key] = gk
+        _MEMO.put(memo_key, gk)
         return gk
 
 

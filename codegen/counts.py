@@ -7,7 +7,7 @@ model reads, per candidate, one ``LoopCounts`` (warp-instructions per iteration 
 dense loops, per pipe; registers, shared memory, pipeline depth), found:
 
 1. in this process's memo;
-2. in ``sass_table.TABLE``, shipped with patchc for the planner's candidates (bf16 / fp16, 128x128
+2. in ``sass_counts.json`` (package data), shipped with patchc for the planner's candidates (bf16 / fp16, 128x128
    tiles, sm_80 / sm_90, the supported Triton versions; ``python -m patchc.codegen.counts`` rebuilds
    it and ``tests/test_cost_model.py`` re-derives entries);
 3. in ``<cache root>/sass_counts/<key>.json`` (an earlier compile on this machine);
@@ -26,13 +26,14 @@ from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from typing import Optional
 
+from patchc.caches import BoundedCache
 from patchc.files import atomic_write, cache_root
 
 from .spec import KernelSpec
 
 PIPES = ("int", "fp", "lsu", "tensor", "xu", "uniform", "other")
 ENV = "PATCHC_SASS_COUNTS"
-_MEMO: dict = {}
+_MEMO = BoundedCache("SASS counts", 4096)       # key -> LoopCounts
 _LOCK = threading.Lock()
 
 
@@ -111,9 +112,18 @@ def _disk(k: str, cache_dir=None):
     return cache_root(cache_dir) / "sass_counts" / (hashlib.sha256(k.encode()).hexdigest()[:24] + ".json")
 
 
+SHIPPED = "sass_counts.json"
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped() -> dict:
+    from pathlib import Path
+    return json.loads(Path(__file__).with_name(SHIPPED).read_text())
+
+
 def shipped() -> dict:
-    from .sass_table import TABLE
-    return TABLE
+    """The shipped table: key -> counts (a copy: callers may not change the one in memory)."""
+    return dict(_shipped())
 
 
 def get_counts(spec: KernelSpec, arch: int = 90, compile: Optional[bool] = None, cache_dir=None) -> LoopCounts:
@@ -145,7 +155,7 @@ def get_counts(spec: KernelSpec, arch: int = 90, compile: Optional[bool] = None,
             else:
                 lc = estimate(spec, arch, table)
     with _LOCK:
-        _MEMO[k] = lc
+        _MEMO.put(k, lc)
     return lc
 
 
@@ -194,9 +204,8 @@ def estimate(spec: KernelSpec, arch: int, table: dict) -> LoopCounts:
 
 def main(argv=None) -> int:
     """Rebuild the shipped table for the running Triton: compile the planner's candidates for
-    bf16 / fp16, 128x128 tiles, sm_80 and sm_90, and merge them into ``sass_table.py``."""
+    bf16 / fp16, 128x128 tiles, sm_80 and sm_90, and merge them into ``sass_counts.json``."""
     import argparse
-    import pprint
     from pathlib import Path
 
     from .candidates import all_specs
@@ -215,12 +224,10 @@ def main(argv=None) -> int:
             for s in specs:
                 table[key(s, arch)] = compile_counts(s, arch).to_dict() | {"meta": describe(s, arch)}
                 print(key(s, arch), table[key(s, arch)]["s"]["instructions"], flush=True)
-    body = pprint.pformat({k: {f: v for f, v in d.items() if f != "source"} for k, d in sorted(table.items())},
-                          width=118, sort_dicts=True)
-    path = Path(__file__).with_name("sass_table.py")
-    path.write_text('"""SASS loop counts of the planner\'s candidate kernels, as compiled (``python -m '
-                    'patchc.codegen.counts``\nrebuilds it; ``counts.key`` is the key).  Generated: do not edit."""\n'
-                    f"TABLE = {body}\n")
+    rows = [f" {json.dumps(k)}: {json.dumps({f: v for f, v in d.items() if f != 'source'}, sort_keys=True)}"
+            for k, d in sorted(table.items())]
+    atomic_write(Path(__file__).with_name(SHIPPED), "{\n" + ",\n".join(rows) + "\n}\n")
+    _shipped.cache_clear()
     return 0
 
 

@@ -19,6 +19,7 @@ from typing import Optional, Union
 
 import torch
 
+from patchc.caches import BoundedCache
 from patchc.dtypes import short_name
 from patchc.files import atomic_write, cache_root
 
@@ -169,7 +170,7 @@ def calibration_path(cache_dir=None) -> Path:
     return cache_root(cache_dir) / CALIBRATION_FILE
 
 
-_CAL_MEMO: dict = {}        # path -> ((mtime_ns, size), data): the planner reads it once per compile site
+_CAL_MEMO = BoundedCache("calibration files", 16)   # path -> (stat, data): read once per change
 
 
 def _read_calibration(cache_dir=None) -> dict:
@@ -180,7 +181,7 @@ def _read_calibration(cache_dir=None) -> dict:
         if hit is not None and hit[0] == (st.st_mtime_ns, st.st_size, st.st_ino):
             return json.loads(json.dumps(hit[1]))       # a private copy
         data = json.loads(path.read_text())
-        _CAL_MEMO[path] = ((st.st_mtime_ns, st.st_size, st.st_ino), data)
+        _CAL_MEMO.put(path, ((st.st_mtime_ns, st.st_size, st.st_ino), data))
         return json.loads(json.dumps(data))
     except FileNotFoundError:
         return {}

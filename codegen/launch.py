@@ -13,11 +13,13 @@ from typing import Optional
 
 import torch
 
+from patchc.caches import BoundedCache
+
 from .args import launch_args
 from .interp import INTERPRET_MSG, fix_interpreter, interpreter_active
 from .kernels import GeneratedKernel
 
-_FNS: dict = {}
+_FNS = BoundedCache("kernel modules", 4096)      # kernel file -> its @triton.jit function
 _LOCK = threading.Lock()
 
 
@@ -28,7 +30,7 @@ def kernel_fn(gk: GeneratedKernel):
         with _LOCK:
             from .load import load_module
             mod = load_module(gk.path, f"{gk.name}_{gk.key}")
-            fn = _FNS[gk.path] = getattr(mod, mod.KERNEL_NAME)
+            fn = _FNS.put(gk.path, getattr(mod, mod.KERNEL_NAME))
     return fn
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from patchc.caches import BoundedCache
 from patchc.packing import balanced_row_order
 
 from .candidates import GEMV, MMA, SPLIT_BLOCKS, SPLITS, Candidate, with_split
@@ -177,7 +178,7 @@ class _Site:
         return dense_us(self.w.shape, self.w.dtype, ms, self.dev)
 
 
-_SITES: dict = {}
+_SITES = BoundedCache("cost-model sites", 4096)   # tile-map key -> _Site (a few MiB each at most)
 
 
 def _site(tile_mask, dtype, device) -> tuple[_Site, torch.Tensor]:
@@ -190,11 +191,7 @@ def _site(tile_mask, dtype, device) -> tuple[_Site, torch.Tensor]:
     kp = kind[order.long()]
     key = (tile, shape, dtype_key(dtype), dev, kp.sum(1).numpy().tobytes(), kp[:, -1].numpy().tobytes(),
            order.numpy().tobytes() if shape[0] % tile[0] else b"", torch.get_float32_matmul_precision())
-    site = _SITES.get(key)
-    if site is None:
-        if len(_SITES) > 4096:
-            _SITES.clear()
-        site = _SITES[key] = _Site(Weight(kind, shape, tile, dtype, order), dev)
+    site = _SITES.get_or_compute(key, lambda: _Site(Weight(kind, shape, tile, dtype, order), dev))
     return site, order
 
 

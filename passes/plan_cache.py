@@ -38,12 +38,14 @@ def plan_key(tile_mask, dtype, device, m_max: int, cache_dir=None) -> tuple:
 
 @functools.lru_cache(maxsize=1)
 def model_hash() -> str:
-    """sha256 of the cost model's sources: a disk plan is valid only for the code that made it."""
+    """sha256 of the cost model's sources and data (the shipped SASS counts): a disk plan is valid
+    only for the code that made it."""
     import patchc.codegen.layout as layout
     import patchc.packing as packing
     here = Path(layout.__file__).resolve().parent
     h = hashlib.sha256()
-    for path in sorted(here.glob("*.py")) + [Path(packing.__file__).resolve()]:
+    core = Path(packing.__file__).resolve().parent
+    for path in sorted(here.glob("*.py")) + sorted(here.glob("*.json")) + sorted(core.glob("pack*.py")):
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
