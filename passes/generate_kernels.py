@@ -22,7 +22,7 @@ from patchc.decisions import HYBRID
 from patchc.stats import counters
 
 from .plan_cache import layout_record
-from .state import CompileState, LinearSite, compile_pass
+from .state import CompileState, LinearSite, compile_pass, progress
 
 log = logging.getLogger("patchc")
 
@@ -54,7 +54,7 @@ def _attach(entry, n, k, dtype, tile, plan, bias: bool, cfg, interpret: bool, fo
 def generate_kernels(state: CompileState) -> None:
     cfg = state.config
     done: dict = {}                    # id(entry) -> runner or the UnsupportedSpec it raised
-    for s in state.sites:
+    for s in progress(state.sites, "generating kernels"):
         d = s.decision
         if d is None or d.action != HYBRID:
             continue

@@ -25,7 +25,7 @@ from patchc.stats import counters
 from patchc.decisions import HYBRID, SKIPPED
 from patchc.packing import packed_nbytes
 
-from .state import CompileState, compile_pass
+from .state import CompileState, compile_pass, progress
 
 _META = ("nn_module_stack", "stack_trace", "source_fn_stack", "example_value")
 _FALLBACK_CODES = ("grad", "input_dtype")
@@ -36,7 +36,7 @@ _FALLBACK_CODES = ("grad", "input_dtype")
               writes=("gm", "site.node", "site.decision"))
 def rewrite_linears(state: CompileState) -> None:
     g = state.gm.graph
-    for s in state.sites:
+    for s in progress(state.sites, "packing weights"):
         d = s.decision
         if d is None or s.entry is None or d.action == SKIPPED:
             continue

@@ -8,6 +8,7 @@ against its declaration and the pipeline order against what each pass reads.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -145,3 +146,16 @@ def source_fqn(weight_node: fx.Node) -> Optional[str]:
     if "._parameters[" in name:
         return None
     return normalize_path(name)
+
+
+def _tty() -> bool:
+    return sys.stderr.isatty()
+
+
+def progress(sites: list, desc: str):
+    """The sites, under a tqdm bar on stderr (``patchc: <desc>``) when there are many of them
+    (packing and kernel generation take seconds per large weight) and stderr is a terminal."""
+    if len(sites) < 16 or not _tty():
+        return sites
+    from tqdm.auto import tqdm
+    return tqdm(sites, desc=f"patchc: {desc}", leave=False, dynamic_ncols=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import textwrap
 import time
 from typing import Optional
 
@@ -189,14 +188,3 @@ def _model_name(path: str) -> str:
     return "SmolLM2-135M" if "smollm2" in base.lower() and "135" in base else base
 
 
-def side_by_side(left: str, right: str, width: int = 46, rows: int = 4) -> list[str]:
-    """Two texts in columns of ``width`` (at most ``rows`` lines each, the rest cut with …)."""
-    a = textwrap.wrap(" ".join(left.split()), width) or [""]
-    b = textwrap.wrap(" ".join(right.split()), width) or [""]
-    for col in (a, b):
-        if len(col) > rows:
-            del col[rows:]
-            col[-1] = col[-1][: width - 1] + "…"
-    n = max(len(a), len(b))
-    a, b = a + [""] * (n - len(a)), b + [""] * (n - len(b))
-    return [f"  {x:<{width}}  {y}".rstrip() for x, y in zip(a, b)]

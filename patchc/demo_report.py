@@ -3,6 +3,7 @@ columns."""
 from __future__ import annotations
 
 import os
+import textwrap
 
 import torch
 
@@ -40,7 +41,6 @@ def _label(res) -> str:
 
 def summary_lines(res, *, text, n_eval, seq_len, tokens, prompt, out_dir, inner, full, quiet) -> list[str]:
     from .cliutil import packed_bytes_table
-    from .demo import side_by_side
     plan = res["plan"]
     d, s, o = res["ppl_dense"], res["ppl_sparse"], res["ppl_oneshot"]
     if quiet:
@@ -96,3 +96,16 @@ def layer_table(report) -> list[str]:
         rows.append((dd.fqn or "<root>", f"{dd.n}x{dd.k}", dd.action, f"{dd.frac_sparse:.2f}", f"{dd.sparsity:.3f}",
                      ratio))
     return format_table(rows, indent="")
+
+
+def side_by_side(left: str, right: str, width: int = 46, rows: int = 4) -> list[str]:
+    """Two texts in columns of ``width`` (at most ``rows`` lines each, the rest cut with …)."""
+    a = textwrap.wrap(" ".join(left.split()), width) or [""]
+    b = textwrap.wrap(" ".join(right.split()), width) or [""]
+    for col in (a, b):
+        if len(col) > rows:
+            del col[rows:]
+            col[-1] = col[-1][: width - 1] + "…"
+    n = max(len(a), len(b))
+    a, b = a + [""] * (n - len(a)), b + [""] * (n - len(b))
+    return [f"  {x:<{width}}  {y}".rstrip() for x, y in zip(a, b)]

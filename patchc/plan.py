@@ -12,18 +12,10 @@ from torch import nn
 
 from .files import atomic_path
 from .modules import fingerprint, is_linear, oriented_weight, select_linears
+from .planfile import FORMAT, FORMAT_VERSION, READ_VERSIONS, MaskPlanError  # noqa: F401 (public here)
 from .types import DENSE, SPARSE24, TileMask, check_tile, expand_tiles, grid_of, sparse_allowed
 
 log = logging.getLogger("patchc")
-
-FORMAT = "patchc.maskplan"
-FORMAT_VERSION = 2                    # 2: compact 2:4 codes (patchc.maskcodes); 1: a bit per weight
-READ_VERSIONS = (1, 2)
-
-
-class MaskPlanError(ValueError):
-    """A mask file or plan that cannot be used; the message names the file/layer at fault."""
-
 
 class MaskPlan(Mapping):
     """A read-only mapping ``module FQN -> TileMask`` with ``.meta`` (tile, method, fingerprint…).

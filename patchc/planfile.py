@@ -11,9 +11,16 @@ import torch
 from . import maskcodes
 from .types import TileMask
 
+FORMAT = "patchc.maskplan"
+FORMAT_VERSION = 2                    # 2: compact 2:4 codes (patchc.maskcodes); 1: a bit per weight
+READ_VERSIONS = (1, 2)
+
+
+class MaskPlanError(ValueError):
+    """A mask file or plan that cannot be used; the message names the file/layer at fault."""
+
 
 def _header(path: str, meta: dict, error) -> dict:
-    from .plan import FORMAT, READ_VERSIONS
     if "patchc" not in meta:
         raise error(f"{path}: safetensors header has no 'patchc' metadata; not a patchc mask file")
     try:
@@ -35,7 +42,6 @@ def read_plan(cls, path):
     """``cls`` (``MaskPlan``) from the file at ``path``."""
     from safetensors import safe_open
 
-    from .plan import MaskPlanError
 
     path = os.fspath(path)
     if not os.path.isfile(path):

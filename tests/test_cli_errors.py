@@ -28,9 +28,9 @@ def _err(capsys, argv, code=2):
     return capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cmd", ["prune", "demo"])
+@pytest.mark.parametrize("cmd", ["prune", "learn", "demo"])
 def test_sparsity_out_of_range_fails_before_loading(cmd, capsys, no_model_load):
-    argv = [cmd, "--sparsity", "0.7"] + (["--model", "/nowhere", "--out", "x.safetensors"] if cmd == "prune" else [])
+    argv = [cmd, "--sparsity", "0.7"] + (["--model", "/nowhere", "--out", "x.safetensors"] if cmd != "demo" else [])
     with pytest.raises(SystemExit) as ei:
         main(argv)
     assert ei.value.code == 2

@@ -1,6 +1,7 @@
 """Mask learning (PATCH-Tile / PATCH-Joint) on a tiny trained LLaMA with 16×16 tiles."""
 import copy
 import json
+import logging
 import subprocess
 import sys
 
@@ -235,10 +236,13 @@ def test_save_load_apply_reproduces_the_masked_model(tmp_path):
     assert not torch.equal(got, model(input_ids=x).logits.detach())  # the masks did something
 
 
-def test_resume_gives_the_same_plan(tmp_path):
+def test_resume_gives_the_same_plan(tmp_path, caplog):
     model, data = trained_llama(), calib_batches(16)
     c = cfg(mode="joint", steps=8, checkpoint_every=3)
-    full = learn_masks(model, data, c, checkpoint_dir=str(tmp_path / "a"))
+    with caplog.at_level(logging.WARNING, logger="patchc"):
+        full = learn_masks(model, data, c, checkpoint_dir=str(tmp_path / "a"))
+    said = [r.getMessage() for r in caplog.records if "each checkpoint takes" in r.getMessage()]
+    assert len(said) == 1 and "B per planned weight" in said[0], "the checkpoint's disk size is said once"
 
     class Stop(Exception):
         pass

@@ -216,3 +216,17 @@ def test_mode_goes_in_options(mlp):
     assert y.shape == (2, 48) and patchc.explain(compiled).counts()["hybrid"] == 2
     with pytest.raises(ValueError, match="disagree"):
         patchc.PatchConfig.from_options({"mode": "default"}, mode="max-autotune")
+
+
+def test_compile_shows_progress_over_many_sites_on_a_terminal(monkeypatch, capsys):
+    import patchc.passes.state as state
+    model = tiny_llama(num_hidden_layers=3)                     # 21 planned linears
+    plan = magnitude_hybrid(model, 0.35, TILE)
+    monkeypatch.setattr(state, "_tty", lambda: True)
+    compiled = patchc.compile(model, plan, inner="eager")
+    with torch.inference_mode():
+        compiled(torch.randint(0, 256, (1, 4)))
+    err = capsys.readouterr().err
+    assert "patchc: packing weights" in err and "patchc: generating kernels" in err
+    monkeypatch.setattr(state, "_tty", lambda: False)           # not a terminal: no bar
+    assert state.progress(list(range(40)), "x") == list(range(40))

@@ -147,6 +147,7 @@ def learn_masks(model: nn.Module, batches, config: Optional[LearnConfig] = None,
         logf = _open_log(cfg, dist.rank, start)
         bar = _progress(cfg, dist.rank, start)
         use_cache = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+        said_size = False
         for step in range(start, cfg.steps):
             mine = [(step * per_step + j) % len(data) for j in range(per_step)][dist.rank::dist.world]
             rec = _step(model, order, ctx, [{**to_device(data[i], device), **use_cache} for i in mine], cfg, step,
@@ -158,7 +159,10 @@ def learn_masks(model: nn.Module, batches, config: Optional[LearnConfig] = None,
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", density=f"{rec['soft_density']:.4f}", tau=f"{rec['tau']:.3f}")
                 bar.update(1)
             if cfg.checkpoint_dir and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-                ckpt_io.save(cfg.checkpoint_dir, step + 1, order, adam, gen, want, dist)
+                path = ckpt_io.save(cfg.checkpoint_dir, step + 1, order, adam, gen, want, dist)
+                if not said_size and dist.rank == 0:
+                    said_size = True
+                    _say_checkpoint_size(path, total, cfg)
             if callback is not None:
                 callback(step, rec)
         plan = hard_plan(order, cfg, cfg.steps, shapes, Dist.full)
@@ -172,6 +176,15 @@ def learn_masks(model: nn.Module, batches, config: Optional[LearnConfig] = None,
         if logf:
             logf.close()
     return plan
+
+
+def _say_checkpoint_size(path: str, weights: float, cfg: LearnConfig) -> None:
+    """Say once how much disk a checkpoint takes: in joint mode it holds the 2:4 pattern logits
+    and their Adam moments, about 18 B per planned weight (9 with ``state_dtype=bfloat16``)."""
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+    log.warning("patchc: each checkpoint takes %.2f GB (%.1f B per planned weight) in %s; only the latest is kept%s",
+                size / 1e9, size / max(weights, 1), os.path.dirname(path),
+                "; --state-dtype bfloat16 halves it" if cfg.mode == "joint" and cfg.state_dtype == torch.float32 else "")
 
 
 def _initial_states(model, mods, shapes, data, cfg, dist: Dist, header, device) -> dict[str, MaskState]:
