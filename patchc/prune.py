@@ -59,8 +59,10 @@ def tile_errors(w: torch.Tensor, mask24: torch.Tensor, tile) -> torch.Tensor:
 
 def select_sparse_tiles(costs: dict[str, torch.Tensor], sizes: dict[str, torch.Tensor],
                         allowed: dict[str, torch.Tensor], target: float) -> dict[str, torch.Tensor]:
-    """Globally rank tiles by cost (lowest first) and make tiles 2:4 until the pruned fraction is
-    closest to ``target``; ``sizes`` are the weights per tile (a 2:4 tile prunes half of them)."""
+    """Globally rank tiles by cost (lowest first) and make tiles 2:4 until the pruned fraction
+    reaches ``target`` (the fewest tiles that do, so a plan is never sparser than it must be nor
+    below its target; all allowed tiles where the target is out of reach); ``sizes`` are the
+    weights per tile (a 2:4 tile prunes half of them)."""
     names = list(costs)
     flat_cost = torch.cat([costs[n].flatten().double() for n in names])
     flat_size = torch.cat([sizes[n].flatten().double() for n in names])
@@ -71,11 +73,11 @@ def select_sparse_tiles(costs: dict[str, torch.Tensor], sizes: dict[str, torch.T
     order = order[flat_ok[order]]
     pruned = torch.cumsum(flat_size[order] / 2, 0)
     want = target * total
-    # number of sparse tiles whose pruned count is closest to the target
+    # the fewest sparse tiles whose pruned count reaches the target (up to rounding)
     cand = torch.cat([torch.zeros(1, dtype=pruned.dtype), pruned])
-    n_sel = int(torch.argmin((cand - want).abs()))
+    n_sel = min(int(torch.searchsorted(cand, want - 1e-9 * max(total, 1.0))), len(cand) - 1)
     if total and abs(float(cand[n_sel]) - want) / total > 0.005:
-        log.warning("patchc: the tile grid is too coarse for target sparsity %.4f: closest achievable is %.4f",
+        log.warning("patchc: the tile grid is too coarse for target sparsity %.4f: the plan has %.4f",
                     target, float(cand[n_sel]) / total)
     chosen = torch.zeros_like(flat_ok)
     chosen[order[:n_sel]] = True

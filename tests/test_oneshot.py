@@ -215,3 +215,20 @@ def test_model_without_decoder_blocks_is_calibrated_in_one_pass():
     ref = collect_stats(model, {"a": model.a, "b": model.b}, materialize(data))
     score = model.b.weight.detach().abs() * ref["b"].sq.sqrt()[None, :]
     assert torch.equal(plan["b"].mask, mask24_from_scores(score))
+
+
+def test_selected_tiles_reach_the_target_never_below():
+    from patchc.prune import select_sparse_tiles
+    g = torch.Generator().manual_seed(0)
+    sizes = {"a": torch.full((7, 5), 256.0), "b": torch.full((3, 9), 64.0)}
+    costs = {n: torch.rand(s.shape, generator=g) for n, s in sizes.items()}
+    allowed = {n: torch.ones(s.shape, dtype=torch.bool) for n, s in sizes.items()}
+    total = sum(float(s.sum()) for s in sizes.values())
+    for target in (0.0, 0.1, 0.2499, 0.25, 0.3, 0.5):
+        kinds = select_sparse_tiles(costs, sizes, allowed, target)
+        pruned = sum(float((kinds[n].double() * sizes[n]).sum()) / 2 for n in sizes)
+        assert pruned >= target * total - 1e-6
+        if pruned:                       # without the costliest chosen tile the plan would be below the target
+            last = max((float(costs[n][kinds[n].bool()].max()), n) for n in sizes if kinds[n].any())[1]
+            size = float(sizes[last][kinds[last].bool()][costs[last][kinds[last].bool()].argmax()])
+            assert pruned - size / 2 < target * total

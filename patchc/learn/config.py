@@ -39,7 +39,8 @@ class LearnConfig:
     mode: ``"tile"`` (2:4 pattern fixed by the one-shot ``prior``) or ``"joint"`` (the 2:4
         pattern of every group of 4 is learned too, MaskLLM-style, among its 6 choices).
     target_sparsity: global pruned fraction of the planned weights, in [0, 0.5]; the extracted
-        hard plan meets it within ±0.5 % (or the closest the tile grid allows, with a warning).
+        hard plan reaches it with the fewest 2:4 tiles (at most +0.5 %, or what the tile grid
+        allows, with a warning).
     tile: (rows, cols) of a tile over the (out, in) weight; cols must be a multiple of 4.
     prior: one-shot method that initialises the logits (``magnitude``, ``wanda``, ``sparsegpt``).
     prior_sparsity: sparsity of the unstructured one-shot pruning whose per-tile density is the

@@ -76,7 +76,8 @@ def _restore_model(model: nn.Module, saved: dict) -> None:
 
 def hard_plan(states: list[MaskState], cfg: LearnConfig, steps_done: int, shapes: dict, full) -> MaskPlan:
     """Rank all tiles on their learned logits across layers (parameter-weighted) so the plan
-    meets the target sparsity exactly (±0.5 %, or the closest the grid allows, with a warning).
+    reaches the target sparsity with the fewest 2:4 tiles (at most +0.5 %, or what the grid
+    allows, with a warning).
     ``full(t)`` gives a parameter whole (all ranks take part when it is sharded)."""
     costs = {st.name: full(st.tile_logits).detach().float().cpu() for st in states}
     sizes = {st.name: st.sizes.double().cpu() for st in states}
