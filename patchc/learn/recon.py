@@ -1,0 +1,100 @@
+"""Weight reconstruction for a given plan: the kept weights of every planned linear are updated,
+layer by layer, to minimise ‖X·Wᵀ − X·(W′ ⊙ M)ᵀ‖² on the calibration activations — SparseGPT's
+OBS update with the mask fixed (:func:`patchc.learn.sparsegpt.sparsegpt_prune` with ``mask=``).
+
+Calibration streams one decoder block at a time (one block's XᵀX matrices alive at once); with
+``sequential`` (the default) each block is calibrated on the outputs of the blocks before it
+already reconstructed, so later layers also compensate for the earlier ones.  The model is not
+modified: the updated weights are returned (and written by :func:`patchc.weights.save_weights`).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..modules import oriented_weight
+from ..plan import MaskPlan
+from .calib import materialize
+from .pruners import _storage_layout
+from .sparsegpt import sparsegpt_prune
+from .stream import calibrate
+
+log = logging.getLogger("patchc")
+
+
+@torch.no_grad()
+def reconstruct_weights(model: nn.Module, plan: MaskPlan, batches, sequential: bool = True, blocksize: int = 128,
+                        percdamp: float = 0.01, device=None, progress: bool = False) -> dict[str, torch.Tensor]:
+    """``{fqn: updated weight}`` for every linear of ``plan``: the least-squares update of its kept
+    weights on the calibration activations of ``batches``, its pruned positions exactly 0.
+
+    Values have the module's own weight layout and dtype, on the CPU (as ``oneshot(...,
+    return_weights=True)``); ``model.load_state_dict({f"{k}.weight": v for k, v in w.items()},
+    strict=False)`` puts them into a model, :func:`patchc.weights.save_weights` into a file that
+    ``patchc.compile(..., weights=)`` / ``backend="patch"`` (option ``weights``) load.
+    ``sequential``: calibrate each decoder block on the outputs of the blocks before it already
+    reconstructed (default) instead of the dense model's activations.  ``device``: where each
+    block is calibrated.  The model is not modified.
+    """
+    if not isinstance(plan, MaskPlan):
+        raise TypeError(f"reconstruct_weights: plan must be a MaskPlan, got {type(plan).__name__}")
+    plan.validate_against(model)
+    if batches is None:
+        raise ValueError("reconstruct_weights needs calibration batches (got batches=None)")
+    all_mods = dict(model.named_modules())
+    mods = {name: all_mods[name] for name in plan}
+    out: dict[str, torch.Tensor] = {}
+
+    def on_layers(stats: dict) -> dict:
+        new = {}
+        for name, st in stats.items():
+            w = oriented_weight(mods[name]).detach()
+            hess = st.hess * (2.0 / max(1, st.rows))
+            keep = plan[name].unpacked().to(hess.device)
+            _, w2 = sparsegpt_prune(w.to(hess.device), hess, mask=keep, blocksize=blocksize, percdamp=percdamp)
+            del hess
+            out[name] = _storage_layout(w2, mods[name])
+            new[name] = w2.to(w.dtype)
+        return new
+
+    calibrate(model, mods, materialize(batches), on_layers, hessian=True, sequential=sequential, device=device,
+              progress=progress)
+    log.info("patchc: reconstructed the kept weights of %d linears (%s calibration)", len(out),
+             "sequential" if sequential else "one dense pass")
+    return {n: out[n] for n in plan}
+
+
+def reconstruction_error(model: nn.Module, plan: MaskPlan, weights: dict, batches,
+                         names: Optional[list] = None) -> dict[str, tuple[float, float]]:
+    """``{fqn: (error of W ⊙ M, error of the reconstructed weight)}``: ‖X·Wᵀ − X·W′ᵀ‖² summed over
+    the calibration batches' inputs of each linear (dense model's activations).  For tests and
+    reports."""
+    all_mods = dict(model.named_modules())
+    names = list(names or plan)
+    errs = {n: [0.0, 0.0] for n in names}
+    hooks = []
+
+    def hook(name):
+        def fn(mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            w = oriented_weight(mod).detach().float()
+            ref = x @ w.t()
+            masked = w * plan[name].unpacked().to(w.dtype)
+            w2 = weights[name].float()
+            w2 = w2.t() if w2.shape != w.shape else w2
+            errs[name][0] += float(((ref - x @ masked.t()) ** 2).sum())
+            errs[name][1] += float(((ref - x @ w2.t()) ** 2).sum())
+        return fn
+    for n in names:
+        hooks.append(all_mods[n].register_forward_pre_hook(hook(n)))
+    try:
+        with torch.no_grad():
+            for b in materialize(batches):
+                model(**b)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: (a, b) for n, (a, b) in errs.items()}
