@@ -32,6 +32,8 @@ def compile(model: nn.Module, plan=None, **options):  # noqa: A001 - mirrors tor
 
     The plan (a ``MaskPlan`` or a mask file path; ``None`` infers it from the weights) is
     validated against the model up front: a missing FQN or a shape mismatch raises here.
+    ``weights=`` (a weights file or ``{fqn: tensor}``) is loaded into the model's linear weights
+    first, every tensor checked against the model (no parameter changes when one does not fit).
     ``mode`` and ``dynamic`` are forwarded to torch.compile / inductor; other keywords are
     ``PatchConfig`` options.  The result calls the compiled forward, and its ``generate(...)``
     (transformers models) runs the compiled forward too.
@@ -44,6 +46,11 @@ def compile(model: nn.Module, plan=None, **options):  # noqa: A001 - mirrors tor
     if plan_obj is not None:
         plan_obj.validate_against(model)
         cfg = cfg.replace(plan=plan_obj)
+    if cfg.weights is not None:             # into the parameters before anything reads them
+        from .weights import load_weights
+        n = len(load_weights(model, cfg.weights))
+        log.info("patchc: loaded %d updated weights from %s", n, cfg.weights if isinstance(cfg.weights, str) else "a dict")
+        cfg = cfg.replace(weights=None)
     if cfg.release_dense:
         from .plan import infer_plan
         release_dense(model, plan_obj if plan_obj is not None else infer_plan(model, cfg.tile), cfg)

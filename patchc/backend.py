@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import threading
 import time
 import weakref
@@ -129,6 +130,34 @@ def _owning(fn, record: GraphRecord):
     return run
 
 
+_WEIGHT_SOURCE = re.compile(r"\._parameters\[['\"]weight['\"]\]$")
+
+
+def load_graph_weights(gm, example_inputs, weights) -> list[str]:
+    """The ``weights`` option with the string backend: copy the file's tensors into the weight
+    parameters this graph reads (found by their dynamo source), all checked first; returns the
+    FQNs loaded.  Names the graph does not read belong to other graphs (or to no linear of the
+    model: a graph with weights but no name in common gets a warning naming the file)."""
+    from patchc.passes.state import normalize_path
+
+    from .weights import copy_into, resolve
+    path, tensors = resolve(weights)
+    params = {}
+    nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, val in zip(nodes, example_inputs):
+        src = getattr(node.meta.get("grapharg"), "source", None)
+        name = src.name if isinstance(getattr(src, "name", None), str) else (src.name() if src is not None else "")
+        m = _WEIGHT_SOURCE.search(name or "")
+        if isinstance(val, torch.nn.Parameter) and m:
+            params[normalize_path(name[: m.start()])] = val
+    hits = [n for n in tensors if n in params]
+    if params and not hits:
+        log.warning("patchc: weights %s: none of its %d layers is read by this graph (its first: %s; the graph's "
+                    "first: %s)", path, len(tensors), next(iter(tensors), "-"), next(iter(params)))
+    copy_into(path, {n: params[n] for n in hits}, tensors)
+    return hits
+
+
 def patch_backend(gm, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None, **kwargs):
     """The torch.compile backend ``"patch"``. ``options`` are parsed into ``PatchConfig``."""
     if kwargs:
@@ -137,6 +166,8 @@ def patch_backend(gm, example_inputs, options: Optional[dict] = None, mode: Opti
     if cfg.release_dense:
         raise ValueError("patchc: release_dense frees the model's dense weights, which a torch.compile backend "
                          "must not do behind the model's back; use patchc.compile(model, plan, release_dense=True)")
+    if cfg.weights is not None:
+        load_graph_weights(gm, example_inputs, cfg.weights)
     return compile_inner(gm, example_inputs, cfg, run_pipeline(gm, example_inputs, cfg))
 
 

@@ -12,7 +12,8 @@ from .cliutil import sparsity as sparsity_type
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    run_demo(out_dir=args.out_dir, plan=args.plan, sparsity=args.sparsity, tile=args.tile, inner=args.inner,
+    run_demo(out_dir=args.out_dir, plan=args.plan, weights=args.weights, sparsity=args.sparsity, tile=args.tile,
+             inner=args.inner,
              model_path=args.model, n_eval=args.eval_samples, full=args.full, verbosity=args.verbosity,
              tokens=args.tokens, prompt=args.prompt)
     return 0
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "PATCH, one-shot Wanda at the same sparsity) and greedy text dense vs sparse.")
     d.add_argument("--plan", default=None, metavar="FILE",
                    help="a mask file to use instead of the shipped learned plan")
+    d.add_argument("--weights", default=None, metavar="FILE",
+                   help="updated weights for the plan (the .weights.safetensors file `patchc prune --method "
+                        "sparsegpt` or --reconstruct writes next to it); default: the model's own weights")
     d.add_argument("--sparsity", type=sparsity_type, default=None,
                    help="instead of a learned plan, a one-shot Wanda hybrid plan at this sparsity in [0, 0.5]")
     d.add_argument("--tile", type=parse_tile, default=(128, 128),

@@ -32,6 +32,12 @@ class PatchConfig:
                 $PATCHC_DEVICE, else h200)
     fusion      fuse sibling linears that read the same input into one kernel
     m_max       largest number of rows (tokens) the dispatch thresholds are planned for
+    weights     updated weights to compute with: a weights file (``patchc.weights.save_weights``,
+                written by ``patchc prune --method sparsegpt`` / ``--reconstruct``) or a
+                ``{fqn: tensor}`` dict.  Loaded into the model's linear weights (in place, every
+                tensor checked first) before anything is packed: ``patchc.compile`` loads them all
+                up front, the string backend the ones of the linears each graph reads when dynamo
+                compiles it.  ``None``: the model's weights as they are (mask only)
     release_dense  free the dense weights of rewritten sites (``patchc.compile`` only)
     mode        torch.compile mode for inductor ("default", "reduce-overhead", "max-autotune", ...):
                 torch.compile does not take ``mode=`` together with ``options=``, so pass it here
@@ -47,6 +53,7 @@ class PatchConfig:
     device: Optional[str] = None
     fusion: bool = True
     m_max: int = 65536
+    weights: Any = None
     release_dense: bool = False
     mode: Optional[str] = None
 
@@ -82,6 +89,12 @@ class PatchConfig:
                 raise ValueError(f"option plan must be a MaskPlan or a path to a mask file, got {type(opts['plan']).__name__}")
             if isinstance(opts["plan"], os.PathLike):
                 opts["plan"] = os.fspath(opts["plan"])
+        if opts.get("weights") is not None:
+            if not isinstance(opts["weights"], (str, os.PathLike, Mapping)):
+                raise ValueError(f"option weights must be a path to a weights file or a dict of tensors, got "
+                                 f"{type(opts['weights']).__name__}")
+            if isinstance(opts["weights"], os.PathLike):
+                opts["weights"] = os.fspath(opts["weights"])
         if "m_max" in opts and (not isinstance(opts["m_max"], int) or opts["m_max"] < 1):
             raise ValueError(f"option m_max={opts['m_max']!r} must be a positive int")
         for key in ("fusion", "release_dense"):

@@ -6,6 +6,7 @@ per-layer table)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import time
@@ -96,7 +97,8 @@ def _quiet_transformers(verbose: bool):
             os.environ["TQDM_DISABLE"] = env
 
 
-def run_demo(out_dir: str = "patchc-demo", plan: Optional[str] = None, sparsity: Optional[float] = None,
+def run_demo(out_dir: str = "patchc-demo", plan: Optional[str] = None, weights: Optional[str] = None,
+             sparsity: Optional[float] = None,
              tile=(128, 128), inner: str = "eager", model_path: Optional[str] = None, n_eval: int = 8, full: bool = False,
              verbosity: int = 0, tokens: int = 24, prompt: Optional[str] = None, seq_len: int = 256,
              log=print) -> dict:
@@ -114,6 +116,8 @@ def run_demo(out_dir: str = "patchc-demo", plan: Optional[str] = None, sparsity:
         raise ValueError("--model needs --plan or --sparsity: the shipped plan is for the bundled SmolLM2-135M")
     if plan is not None and sparsity is not None:
         raise ValueError("give --plan or --sparsity, not both")
+    if weights is not None and not os.path.isfile(weights):
+        raise FileNotFoundError(f"--weights {weights}: no such file")
     t0 = time.perf_counter()
     path = model_path or bundled_smollm2_path()
     steps = 4 * n_eval + 2 * tokens + 2
@@ -143,7 +147,9 @@ def run_demo(out_dir: str = "patchc-demo", plan: Optional[str] = None, sparsity:
 
     say(f"patchc.compile(model, plan, inner={inner!r})")
     counters.reset()
-    compiled = api.compile(model, the_plan, inner=inner, cache_dir=os.path.join(out_dir, "cache"))
+    # updated weights go into a copy: the dense and one-shot rows keep the model's own weights
+    compiled = api.compile(model if weights is None else copy.deepcopy(model), the_plan, inner=inner,
+                           weights=weights, cache_dir=os.path.join(out_dir, "cache"))
     t_c = time.perf_counter()
     say("sparse perplexity (compiled)")
     ppl_sparse = perplexity(compiled, batches, bar)

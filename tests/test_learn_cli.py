@@ -46,6 +46,39 @@ def test_prune_wanda_and_hybrid(ckpt, capsys):
     assert capsys.readouterr().out.count("layers, sparsity 0.") == 2
 
 
+def test_prune_sparsegpt_writes_its_weights_unless_mask_only(ckpt, capsys):
+    from patchc.weights import read_weights
+    common = ["--model", ckpt / "model", "--text", ckpt / "text.txt", "--tile", "16x16", "--seq-len", 32,
+              "--samples", 4, "--method", "sparsegpt"]
+    for sp, name in ((0.5, "g24"), (0.3, "ghy")):
+        assert run("prune", *common, "--sparsity", sp, "--sequential", "--out", ckpt / f"{name}.safetensors") == 0
+        w, meta = read_weights(ckpt / f"{name}.weights.safetensors")
+        plan = patchc.MaskPlan.load(ckpt / f"{name}.safetensors")
+        assert set(w) == set(plan) and meta["plan"].endswith(f"{name}.safetensors")
+        for n, t in w.items():                     # pruned positions are exactly 0, kept ones changed
+            keep = plan[n].unpacked()
+            assert not t[~keep].any()
+    assert "updated weights of" in capsys.readouterr().out
+    assert run("prune", *common, "--sparsity", 0.5, "--mask-only", "--out", ckpt / "mo.safetensors") == 0
+    assert not (ckpt / "mo.weights.safetensors").exists()
+    assert run("prune", *common[:-2], "--method", "magnitude", "--sparsity", 0.3, "--out", ckpt / "mag.safetensors") == 0
+    assert not (ckpt / "mag.weights.safetensors").exists()
+    with pytest.raises(SystemExit, match="--sequential needs"):
+        run("prune", *common[:-2], "--method", "magnitude", "--sequential", "--out", ckpt / "x.safetensors")
+
+
+def test_prune_and_learn_reconstruct(ckpt):
+    from patchc.weights import read_weights
+    common = ["--model", ckpt / "model", "--text", ckpt / "text.txt", "--tile", "16x16", "--seq-len", 32,
+              "--samples", 4]
+    assert run("prune", *common, "--method", "wanda", "--sparsity", 0.3, "--reconstruct",
+               "--out", ckpt / "wr.safetensors") == 0
+    assert "reconstruction" in read_weights(ckpt / "wr.weights.safetensors")[1]["method"]
+    assert run("learn", *common, "--mode", "tile", "--sparsity", 0.3, "--steps", 2, "--no-progress",
+               "--reconstruct", "--out", ckpt / "lr.safetensors") == 0
+    assert len(read_weights(ckpt / "lr.weights.safetensors")[0]) == len(patchc.MaskPlan.load(ckpt / "lr.safetensors"))
+
+
 def test_learn_writes_plan_checkpoint_and_log(ckpt):
     out, cdir = ckpt / "l.safetensors", ckpt / "run"
     assert run("learn", "--model", ckpt / "model", "--text", ckpt / "text.txt", "--tile", "16,16", "--seq-len", 32,

@@ -70,6 +70,19 @@ def _report(plan, out: str) -> None:
         print(line)
 
 
+def _save_weights(plan, weights: dict, out: str, method: str) -> None:
+    """The updated weights next to the plan (``X.weights.safetensors`` beside ``X.safetensors``)."""
+    from ..weights import save_weights, weights_path_for
+    path = save_weights(weights_path_for(out), weights, {"method": method, "plan": out})
+    print(f"wrote {path}: updated weights of {len(weights)} linears (compile with weights=, demo --weights)")
+
+
+def _reconstruct(model, plan, batches, args) -> dict:
+    from .recon import reconstruct_weights
+    return reconstruct_weights(model, plan, batches, sequential=True, device=getattr(args, "device", None),
+                               progress=log.isEnabledFor(logging.WARNING))
+
+
 def cmd_learn(args) -> int:
     from ..data import load_model
     from .config import LearnConfig
@@ -86,11 +99,15 @@ def cmd_learn(args) -> int:
                       offload_optimizer=args.offload_optimizer, batches_per_step=args.batches_per_step,
                       prior_sequential=args.prior_sequential)
     model = load_model(args.model, cfg.dtype)
-    plan = learn_masks(model, _batches(args, args.model), cfg)
+    batches = _batches(args, args.model)
+    plan = learn_masks(model, batches, cfg)
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         plan.save(args.out)
         _report(plan, args.out)
+        if args.reconstruct:
+            _save_weights(plan, _reconstruct(model, plan, batches[: cfg.calib_batches], args), args.out,
+                          f"learned-{args.mode} + reconstruction")
     return 0
 
 
@@ -98,16 +115,32 @@ def cmd_prune(args) -> int:
     from ..data import load_model
     from .pruners import oneshot, oneshot_hybrid
 
-    batches = _batches(args, args.model) if args.method != "magnitude" else None   # text errors come first
+    if args.mask_only and args.reconstruct:
+        raise SystemExit("patchc prune: --mask-only and --reconstruct contradict each other")
+    update = (args.method == "sparsegpt" and not args.mask_only) or args.reconstruct
+    if args.sequential and args.method == "magnitude":
+        raise SystemExit("patchc prune: --sequential needs --method wanda or sparsegpt (magnitude uses no data)")
+    need_data = args.method != "magnitude" or args.reconstruct
+    batches = _batches(args, args.model) if need_data else None   # text errors come first
     model = load_model(args.model, args.dtype)
+    calib = batches if args.method != "magnitude" else None
+    weights = None
     if args.sparsity >= 0.5:
-        plan = oneshot(model, batches, method=args.method, pattern="2:4", tile=tuple(args.tile),
-                       include=args.include, exclude=args.exclude)
+        res = oneshot(model, calib, method=args.method, pattern="2:4", tile=tuple(args.tile), include=args.include,
+                      exclude=args.exclude, sequential=args.sequential,
+                      return_weights=update and not args.reconstruct)
+        plan, weights = res if isinstance(res, tuple) else (res, None)
     else:
-        plan = oneshot_hybrid(model, batches, method=args.method, target_sparsity=args.sparsity,
-                              tile=tuple(args.tile), include=args.include, exclude=args.exclude)
+        plan = oneshot_hybrid(model, calib, method=args.method, target_sparsity=args.sparsity, tile=tuple(args.tile),
+                              include=args.include, exclude=args.exclude, sequential=args.sequential)
+    if update and not weights:           # SparseGPT's update for the hybrid plan, or --reconstruct
+        weights = _reconstruct(model, plan, batches, args)
     plan.save(args.out)
     _report(plan, args.out)
+    if update:
+        plan.meta["weights_updated"] = True
+        _save_weights(plan, weights, args.out, f"{plan.meta.get('method', args.method)}"
+                      + (" + reconstruction" if args.reconstruct else ""))
     return 0
 
 
@@ -170,6 +203,10 @@ def register(subparsers) -> None:
     p.add_argument("--prior-sequential", action="store_true",
                    help="calibrate the wanda/sparsegpt prior block by block on the outputs of the blocks before it "
                         "already pruned 2:4 (SparseGPT's protocol; default: on the dense model's activations)")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="after learning, update the kept weights layer by layer (least squares on the calibration "
+                        "activations, SparseGPT's update with the learned mask fixed) and write them next to the "
+                        "plan as OUT.weights.safetensors (default: masks only)")
     p.add_argument("--device", default=None,
                    help="device for learning, e.g. cuda; under torchrun each rank takes the GPU of its LOCAL_RANK "
                         "(default: where the model is)")
@@ -207,7 +244,9 @@ def register(subparsers) -> None:
                               description="One-shot pruning to a hybrid plan: every tile gets the method's 2:4 "
                                           "mask, and the tiles that lose least under it become 2:4, ranked across "
                                           "layers, until --sparsity is met (default 0.35); --sparsity 0.5 makes "
-                                          "every tile 2:4.")
+                                          "every tile 2:4. SparseGPT updates the kept weights: they are written "
+                                          "next to the plan (OUT.weights.safetensors) unless --mask-only; compile "
+                                          "with patchc.compile(model, plan, weights=...) or options={'weights': ...}.")
     _model_args(p)
     _data_args(p)
     p.add_argument("--method", choices=METHODS, default="magnitude",
@@ -215,6 +254,15 @@ def register(subparsers) -> None:
     p.add_argument("--sparsity", type=sparsity_type, default=0.35,
                    help="target global sparsity in [0, 0.5] (default: 0.35). Below 0.5 the plan is hybrid (dense "
                         "and 2:4 tiles); 0.5 makes every tile 2:4")
+    p.add_argument("--sequential", action="store_true",
+                   help="wanda/sparsegpt: calibrate block by block on the outputs of the blocks before it already "
+                        "pruned (SparseGPT's protocol; default: one pass of the dense model)")
+    p.add_argument("--mask-only", action="store_true",
+                   help="sparsegpt: keep only the masks and discard the updated weights (by default they are "
+                        "written next to the plan as OUT.weights.safetensors: they are what makes SparseGPT work)")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="any method: update the plan's kept weights layer by layer (least squares on the "
+                        "calibration activations) and write them next to the plan as OUT.weights.safetensors")
     p.set_defaults(func=cmd_prune)
 
     p = subparsers.add_parser("import-masks", help="a plan from released masks (.npz) or a compressed-tensors "

@@ -1,0 +1,63 @@
+"""Weight reconstruction for a fixed plan: the OBS update of the kept weights, one block at a time."""
+import copy
+
+import pytest
+import torch
+
+from patchc.learn import oneshot_hybrid, reconstruct_weights
+from patchc.learn.recon import reconstruction_error
+from patchc.learn.sparsegpt import sparsegpt_prune
+from test_learn_helpers import calib_batches, heldout_batches, lm_ce, single_thread, trained_llama  # noqa: F401
+
+TILE = (16, 16)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = trained_llama()
+    data = calib_batches(n=32)
+    plan = oneshot_hybrid(model, data, "wanda", target_sparsity=0.3, tile=TILE)
+    return model, data, plan
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_reconstruction_keeps_the_mask_lowers_every_layer_error_and_leaves_the_model(setup, sequential):
+    model, data, plan = setup
+    before = copy.deepcopy(model.state_dict())
+    w = reconstruct_weights(model, plan, data, sequential=sequential)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert list(w) == list(plan)
+    for n, t in w.items():
+        keep = plan[n].unpacked()
+        assert t.shape == dict(model.named_modules())[n].weight.shape and t.dtype == torch.float32
+        assert not t[~keep].any()
+        # a layer left all dense has no pruning error to compensate: unchanged; the others move
+        assert torch.equal(t, before[f"{n}.weight"]) == bool(keep.all()), n
+    errs = reconstruction_error(model, plan, w, data)
+    if not sequential:      # one dense pass: each layer's least-squares problem is exactly the measured one
+        assert all(after < masked or masked == after == 0 for masked, after in errs.values()), errs
+
+
+def test_reconstruction_lowers_the_held_out_loss(setup):
+    model, data, plan = setup
+    rec = copy.deepcopy(model)
+    rec.load_state_dict({f"{k}.weight": v for k, v in reconstruct_weights(model, plan, data).items()}, strict=False)
+    held = heldout_batches()
+    assert lm_ce(rec, plan, held) < lm_ce(model, plan, held)
+
+
+def test_fixed_mask_is_sparsegpt_own_update():
+    torch.manual_seed(1)
+    w, x = torch.randn(8, 32), torch.randn(64, 32)
+    hess = 2 * x.t() @ x / 64
+    keep, w1 = sparsegpt_prune(w, hess, pattern="2:4")
+    keep2, w2 = sparsegpt_prune(w, hess, mask=keep)
+    assert torch.equal(keep, keep2) and torch.allclose(w1, w2, atol=1e-5)
+
+
+def test_bad_inputs(setup):
+    model, data, plan = setup
+    with pytest.raises(ValueError, match="needs calibration batches"):
+        reconstruct_weights(model, plan, None)
+    with pytest.raises(TypeError, match="MaskPlan"):
+        reconstruct_weights(model, {}, data)
