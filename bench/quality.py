@@ -26,6 +26,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import glob
 import json
 import logging
 import os
@@ -238,13 +239,28 @@ def evaluate(ctx: Context, plan, model, opt: Options, cache_dir: Optional[str] =
     return out
 
 
-def _predicted_speedup(plan) -> Optional[float]:
-    """The cost model's predicted decode speedup of the plan's linears (M = 1, H200)."""
-    try:
-        from patchc.learn.latency import plan_decode_speedup
-    except ImportError:
-        return None
-    return plan_decode_speedup(plan)["speedup"]
+SPEEDUP_DEVICES = ("h200", "l40s")     # the planning target, and a GPU where SmolLM2's MLP shapes pay at decode
+
+
+def predicted_speedups(plan) -> dict:
+    """The cost model's predicted decode speedup (M = 1, bf16) of the plan's linears on each of
+    ``SPEEDUP_DEVICES``: ``{"pred_decode_speedup": h200, "pred_decode_speedup_l40s": ...}``."""
+    from patchc.latency import plan_decode_speedup
+    return {"pred_decode_speedup" + ("" if d == SPEEDUP_DEVICES[0] else f"_{d}"): plan_decode_speedup(plan, device=d)["speedup"]
+            for d in SPEEDUP_DEVICES}
+
+
+def fill_predictions(out_dir: str) -> None:
+    """Rows saved without predicted speedups get them from their plan file (``plans/``)."""
+    from patchc.plan import MaskPlan
+    for path in sorted(glob.glob(os.path.join(out_dir, "rows", "*.json"))):
+        with open(path) as f:
+            rec = json.load(f)
+        plan_path = os.path.join(out_dir, "plans", slug(rec["method"]) + ".safetensors")
+        if rec.get("status") != "done" or "pred_decode_speedup_l40s" in rec or not os.path.isfile(plan_path):
+            continue
+        rec.update(predicted_speedups(MaskPlan.load(plan_path)))
+        atomic_write(path, json.dumps(rec, indent=1))
 
 
 def run_row(ctx: Context, method: str, opt: Options, out_dir: str, say: Callable = print,
@@ -275,7 +291,7 @@ def run_row(ctx: Context, method: str, opt: Options, out_dir: str, say: Callable
     else:
         rec["rel_diff"] = max(abs(ev["ppl_compiled" + _suffix(n)] - ev["ppl_eager" + _suffix(n)])
                               / ev["ppl_eager" + _suffix(n)] for n in ctx.evals)
-        rec["pred_decode_speedup"] = _predicted_speedup(plan)
+        rec.update(predicted_speedups(plan))
         if method != "dense" and not method.endswith(" 2:4") or method == "learned 2:4":
             rec["layer_files"] = [os.path.relpath(p, out_dir) for p in report.write_layer_report(
                 plan, os.path.join(out_dir, slug(method)), f"{method}: per-layer sparsity ({ctx.model_name})")]

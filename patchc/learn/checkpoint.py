@@ -39,7 +39,8 @@ LEGACY = "learn_ckpt.safetensors"          # version 1: one file gathered on ran
 # options a resumed run must share with the run that wrote the checkpoint
 MUST_MATCH = ("mode", "target_sparsity", "tile", "prior", "prior_sparsity", "prior_strength", "calib_batches",
               "prior_sequential", "steps", "lr", "lr_24", "tau", "kappa_tile", "kappa_24", "lambda1", "lambda2",
-              "include", "exclude", "seed", "loss", "state_dtype", "batches_per_step")
+              "include", "exclude", "seed", "loss", "state_dtype", "batches_per_step",
+              "density_weights")
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ the Britannica article (``patchc.data.default_calibration_sources``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 
 from ..cliutil import parse_tile
@@ -85,6 +86,12 @@ def _reconstruct(model, plan, batches, args) -> dict:
 
 def cmd_learn(args) -> int:
     from ..data import load_model
+    if args.latency_aware:
+        from ..latency import check_device
+        try:
+            check_device(args.latency_device)
+        except ValueError as exc:
+            raise SystemExit(f"patchc learn: --latency-device: {exc}") from None
     from .config import LearnConfig
     from .trainer import learn_masks
 
@@ -100,7 +107,15 @@ def cmd_learn(args) -> int:
                       prior_sequential=args.prior_sequential)
     model = load_model(args.model, cfg.dtype)
     batches = _batches(args, args.model)
+    if args.latency_aware:
+        from ..latency import density_weights, model_shapes
+        from .calib import default_linears
+        names = default_linears(model, cfg.include, cfg.exclude, what="learn")
+        cfg = dataclasses.replace(cfg, density_weights=density_weights(model_shapes(model, names), cfg.tile,
+                                                                       device=args.latency_device))
     plan = learn_masks(model, batches, cfg)
+    if args.latency_aware:
+        plan.meta["latency_device"] = args.latency_device
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         plan.save(args.out)
@@ -203,6 +218,11 @@ def register(subparsers) -> None:
     p.add_argument("--prior-sequential", action="store_true",
                    help="calibrate the wanda/sparsegpt prior block by block on the outputs of the blocks before it "
                         "already pruned 2:4 (SparseGPT's protocol; default: on the dense model's activations)")
+    p.add_argument("--latency-aware", action="store_true",
+                   help="weigh the density penalty by the decode time each tile saves (cost model, M = 1, bf16, "
+                        "on --latency-device): the budget goes to the layers where 2:4 tiles pay (default: by count)")
+    p.add_argument("--latency-device", default="h200", metavar="NAME",
+                   help="GPU the latency-aware penalty plans for (default: h200; see patchc.codegen.devices)")
     p.add_argument("--reconstruct", action="store_true",
                    help="after learning, update the kept weights layer by layer (least squares on the calibration "
                         "activations, SparseGPT's update with the learned mask fixed) and write them next to the "

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+import math
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -57,6 +58,12 @@ class LearnConfig:
     kappa_tile: tile-logit scale (start, end); ``None`` = the paper's per-mode default.
     kappa_24: 2:4 pattern-logit scale (start, end) (joint mode).
     lambda1: weight of |soft density − target density| (global, parameter-weighted).
+    density_weights: ``{fqn: weight}`` for every learned linear: each of its weights counts that
+        much in the density penalty (then |weighted soft sparsity − target|, the weights' mean
+        over all parameters being 1), so the penalty pushes tiles towards 2:4 where they pay.
+        ``patchc.latency.density_weights`` gives the decode time a 2:4 tile saves by the cost
+        model (``patchc learn --latency-aware``); ``None``: every weight counts the same (budget
+        by count).  The extracted plan meets ``target_sparsity`` by count either way.
     lambda2: weight of the decaying magnitude term −λ2·(1 − t/T)·‖M⊙W‖/‖W‖.
     include, exclude: fnmatch patterns on module FQNs; default every linear of the decoder
         blocks (not the embeddings, not the LM head).
@@ -114,6 +121,7 @@ class LearnConfig:
     kappa_24: Sequence[float] = (100.0, 500.0)
     lambda1: float = 5.0
     lambda2: float = 0.1
+    density_weights: Optional[Mapping[str, float]] = None
     include: Optional[Sequence[str]] = None
     exclude: Optional[Sequence[str]] = None
     seed: int = 0
@@ -172,6 +180,17 @@ class LearnConfig:
         if self.resume and not self.checkpoint_dir:
             raise ValueError("LearnConfig.resume=True needs LearnConfig.checkpoint_dir")
         self.include = list(self.include) if self.include else None
+        if self.density_weights is not None:
+            if not isinstance(self.density_weights, Mapping) or not self.density_weights:
+                raise ValueError("LearnConfig.density_weights must be a non-empty {fqn: weight} dict, got "
+                                 f"{type(self.density_weights).__name__}")
+            bad = {k: v for k, v in self.density_weights.items()
+                   if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0}
+            if bad:
+                raise ValueError(f"LearnConfig.density_weights must be finite and >= 0; bad: {dict(list(bad.items())[:3])}")
+            if not any(v > 0 for v in self.density_weights.values()):
+                raise ValueError("LearnConfig.density_weights are all 0: no layer would be pushed towards 2:4")
+            self.density_weights = {str(k): float(v) for k, v in self.density_weights.items()}
         self.exclude = list(self.exclude) if self.exclude else None
 
     @property

@@ -92,6 +92,7 @@ class MaskState(nn.Module):
             self.register_buffer("n24", n24, persistent=False)
             self.register_buffer("nr", self._per_tile(w.float() ** 2) - n24, persistent=False)
         self.w_sq = float((w.float() ** 2).sum())
+        self.penalty_weight = 1.0        # LearnConfig.density_weights[name]
         self.ctx: Optional[StepContext] = None
         self._rng: Optional[torch.Tensor] = None       # generator state this step's draws started from
 
@@ -175,7 +176,7 @@ class MaskState(nn.Module):
             if self.mode == "tile":
                 mag = (self.n24 + z * z * self.nr).sum()              # W⊙M24 and W⊙(1−M24) are disjoint
         if ctx.collect:
-            ctx.stats.append((pruned, mag))
+            ctx.stats.append((pruned, mag, pruned * self.penalty_weight))
         return out
 
     # ---- hard decisions ------------------------------------------------------------------------

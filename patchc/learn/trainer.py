@@ -86,7 +86,7 @@ def hard_plan(states: list[MaskState], cfg: LearnConfig, steps_done: int, shapes
     masks = {st.name: st.to_tilemask(kinds[st.name], full) for st in states}
     plan = MaskPlan(masks, {"tile": list(cfg.tile), "method": f"patch-{cfg.mode}", "prior": cfg.prior,
                             "target_sparsity": cfg.target_sparsity, "steps": steps_done, "seed": cfg.seed,
-                            "loss": cfg.loss, "lr": cfg.lr,
+                            "loss": cfg.loss, "lr": cfg.lr, "budget": "weighted" if cfg.density_weights else "count",
                             **({"lr_24": cfg.pattern_lr} if cfg.mode == "joint" else {}),
                             "fingerprint": {n: list(shapes[n]) for n in masks}})
     plan.meta["per_layer_sparsity"] = {n: round(m.sparsity(), 6) for n, m in masks.items()}
@@ -124,8 +124,16 @@ def learn_masks(model: nn.Module, batches, config: Optional[LearnConfig] = None,
         raise ValueError(f"LearnConfig.batches_per_step={per_step} cannot be split evenly over {dist.world} ranks")
     want = ckpt_io.header_of(cfg, shapes, per_step)
     header = ckpt_io.read_header(cfg.checkpoint_dir, want) if cfg.resume else None
+    if cfg.density_weights is not None:
+        missing, extra = sorted(set(mods) - set(cfg.density_weights)), sorted(set(cfg.density_weights) - set(mods))
+        if missing or extra:
+            raise ValueError(f"LearnConfig.density_weights must name exactly the learned linears: missing "
+                             f"{missing[:3]}{' ...' if len(missing) > 3 else ''}, unknown {extra[:3]}")
     states = _initial_states(model, mods, shapes, data, cfg, dist, header, device if fsdp else None)
+    for st in states.values():
+        st.penalty_weight = cfg.density_weights[st.name] if cfg.density_weights else 1.0
     total = float(sum(st.sizes.sum() for st in states.values()))
+    total_w = float(sum(st.sizes.sum() * st.penalty_weight for st in states.values()))
     w_sq = sum(st.w_sq for st in states.values())
     gen = torch.Generator(device=device)       # all the noise; the global RNG is left alone
     gen.manual_seed(cfg.seed)
@@ -152,7 +160,7 @@ def learn_masks(model: nn.Module, batches, config: Optional[LearnConfig] = None,
         for step in range(start, cfg.steps):
             mine = [(step * per_step + j) % len(data) for j in range(per_step)][dist.rank::dist.world]
             rec = _step(model, order, ctx, [{**to_device(data[i], device), **use_cache} for i in mine], cfg, step,
-                        adam, sync, dist, total, w_sq)
+                        adam, sync, dist, (total, total_w), w_sq)
             if logf:
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
@@ -231,14 +239,15 @@ def _updater(adam: Adam, i: int, sync: _Sync, dist: Dist):
 
 
 def _step(model, states: list[MaskState], ctx: StepContext, batches: list[dict], cfg: LearnConfig, step: int,
-          adam: Adam, sync: _Sync, dist: Dist, total: float, w_sq: float) -> dict:
+          adam: Adam, sync: _Sync, dist: Dist, totals: tuple, w_sq: float) -> dict:
     """One optimisation step over this rank's batches (gradients accumulated); its log record."""
     t0 = time.perf_counter()
     sched = ctx.sched = cfg.schedule(step)
     for st in states:
         st.begin_step()
     adam.begin_step()
-    sums = [0.0] * 4
+    total, total_w = totals
+    sums = [0.0] * 5
     for j, batch in enumerate(batches):
         sync.final = j == len(batches) - 1
         ctx.stats.clear()
@@ -247,16 +256,19 @@ def _step(model, states: list[MaskState], ctx: StepContext, batches: list[dict],
             task = task_loss(model, ctx, batch, cfg.loss)
         finally:
             ctx.collect = False
-        pruned, mag = zip(*ctx.stats)
+        pruned, mag, weighted = zip(*ctx.stats)
         ctx.stats.clear()
         soft_sp = torch.stack(pruned).sum() / total
+        # by count, or weighted by what each tile saves (LearnConfig.density_weights)
+        soft_w = torch.stack(weighted).sum() / total_w if cfg.density_weights else soft_sp
         mag_ratio = (torch.stack(mag).sum() / w_sq).sqrt()
-        loss = task + cfg.lambda1 * (soft_sp - cfg.target_sparsity).abs() - cfg.lambda2 * sched["decay"] * mag_ratio
+        loss = task + cfg.lambda1 * (soft_w - cfg.target_sparsity).abs() - cfg.lambda2 * sched["decay"] * mag_ratio
         (loss if len(batches) == 1 else loss / len(batches)).backward()
-        for i, x in enumerate((loss, task, soft_sp, mag_ratio)):
+        for i, x in enumerate((loss, task, soft_sp, mag_ratio, soft_w)):
             sums[i] += float(x.detach()) / len(batches)
-    loss, task, soft_sp, mag_ratio = dist.mean(sums)
-    return {"step": step, "loss": loss, "task_loss": task, "soft_sparsity": soft_sp, "soft_density": 1 - soft_sp,
+    loss, task, soft_sp, mag_ratio, soft_w = dist.mean(sums)
+    extra = {"weighted_sparsity": soft_w} if cfg.density_weights else {}
+    return {"step": step, "loss": loss, "task_loss": task, "soft_sparsity": soft_sp, "soft_density": 1 - soft_sp, **extra,
             "magnitude": mag_ratio, "tau": sched["tau"], "kappa_tile": sched["kappa_tile"],
             "kappa_24": sched["kappa_24"], "seconds": round(time.perf_counter() - t0, 4)}
 
