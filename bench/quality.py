@@ -46,6 +46,10 @@ TEXTS = ("plays", "gpl3", "britannica")     # evaluation texts; "plays" is in do
 SPARSITIES = (0.25, 0.35, 0.45)
 RECON = " + recon"                          # suffix: the row's plan with the kept weights reconstructed
 LATENCY = " latency-aware"                  # suffix: density penalty weighted by predicted decode time
+# the H200 model keeps every SmolLM2-135M linear dense at M = 1 (fixed costs dominate 576-wide
+# weights): no layer saves anything there, so the latency-aware row plans for the L40S, where the
+# MLP's 2:4 tiles pay (patchc.latency.layer_savings)
+LATENCY_DEVICE = "l40s"
 ALL_ROWS = (["dense", "magnitude 2:4", "wanda 2:4", "sparsegpt 2:4"]
             + [f"oneshot-hybrid {int(s * 100)}%" for s in SPARSITIES]
             + [f"patch-tile {int(s * 100)}%" for s in SPARSITIES]
@@ -169,7 +173,12 @@ def make_plan(ctx: Context, method: str, opt: Options, work_dir: str, say: Calla
         return plan, model, info
     # learned rows
     mode, target = ("joint", 0.5) if method == "learned 2:4" else (method.split(" ")[0].split("-")[1], _target(method))
-    extra = {"budget": "latency"} if method.endswith(LATENCY) else {}
+    extra = {}
+    if method.endswith(LATENCY):        # the density penalty weighted by the decode time a 2:4 tile saves
+        from patchc.latency import density_weights, model_shapes
+        from patchc.learn.calib import default_linears
+        shapes = model_shapes(model, default_linears(model))
+        extra = {"density_weights": density_weights(shapes, opt.tile, device=LATENCY_DEVICE)}
     ckpt = os.path.join(work_dir, "ckpt", slug(method))
     os.makedirs(ckpt, exist_ok=True)
     cfg = LearnConfig(mode=mode, target_sparsity=target, tile=opt.tile, prior=opt.prior, steps=opt.steps, lr=opt.lr,
@@ -197,7 +206,8 @@ def make_plan(ctx: Context, method: str, opt: Options, work_dir: str, say: Calla
     info.update(steps=opt.steps, tokens_seen=opt.steps * tok_per_step,
                 calib_tokens=0 if opt.prior == "magnitude" else sum(int(b.numel()) for b in ctx.calib[:cfg.calib_batches]),
                 prior=opt.prior, loss=opt.loss, wall_before_resume=before, calibration="one dense pass",
-                load=sum(loads) / max(1, len(loads)), **extra)
+                load=sum(loads) / max(1, len(loads)),
+                budget=f"latency ({LATENCY_DEVICE}, M = 1)" if extra else "count")
     say(f"    {method}: learned on {info['tokens_seen']} tokens ({opt.steps} steps x {tok_per_step})")
     return plan, model, info
 
@@ -295,6 +305,8 @@ def run_row(ctx: Context, method: str, opt: Options, out_dir: str, say: Callable
         if method != "dense" and not method.endswith(" 2:4") or method == "learned 2:4":
             rec["layer_files"] = [os.path.relpath(p, out_dir) for p in report.write_layer_report(
                 plan, os.path.join(out_dir, slug(method)), f"{method}: per-layer sparsity ({ctx.model_name})")]
+        plan.meta.update({"bench_row": method, "code": code, "calibration_texts": ctx.data.get("calib_texts"),
+                          "calibration_windows": ctx.data.get("windows")})
         try:
             plan.save(os.path.join(out_dir, "plans", slug(method) + ".safetensors"))
         except Exception as exc:  # noqa: BLE001 - the plan file is a convenience, the row is the result
