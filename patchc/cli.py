@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "plan shipped with patchc, compile with patchc.compile, and compare perplexity (dense, "
                        "PATCH, one-shot Wanda at the same sparsity) and greedy text dense vs sparse.")
     d.add_argument("--plan", default=None, metavar="FILE",
-                   help="a mask file to use instead of the shipped learned plan")
+                   help="a mask file to use instead of the shipped learned plan, or the name of a shipped one "
+                        "(25: the default, 35)")
     d.add_argument("--weights", default=None, metavar="FILE",
                    help="updated weights for the plan (the .weights.safetensors file `patchc prune --method "
                         "sparsegpt` or --reconstruct writes next to it); default: the model's own weights")

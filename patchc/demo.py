@@ -116,6 +116,8 @@ def run_demo(out_dir: str = "patchc-demo", plan: Optional[str] = None, weights: 
         raise ValueError("--model needs --plan or --sparsity: the shipped plan is for the bundled SmolLM2-135M")
     if plan is not None and sparsity is not None:
         raise ValueError("give --plan or --sparsity, not both")
+    if plan is not None and plan not in SHIPPED and not os.path.isfile(plan):
+        raise FileNotFoundError(f"--plan {plan}: no such file (or a shipped plan: {', '.join(SHIPPED)})")
     if weights is not None and not os.path.isfile(weights):
         raise FileNotFoundError(f"--weights {weights}: no such file")
     t0 = time.perf_counter()
@@ -131,7 +133,7 @@ def run_demo(out_dir: str = "patchc-demo", plan: Optional[str] = None, weights: 
     bar.update(1)
     calib = make_batches(default_calibration_sources(), tok, seq_len=seq_len, num_samples=n_eval, seed=0)
     if sparsity is None:
-        plan_path = plan or shipped_plan()
+        plan_path = shipped_plan(plan) if plan in SHIPPED else (plan or shipped_plan())
         the_plan = MaskPlan.load(plan_path).validate_against(model)
         oneshot_method = "wanda"
     else:
