@@ -26,7 +26,6 @@ import argparse
 import copy
 import dataclasses
 import datetime
-import glob
 import json
 import logging
 import os
@@ -59,6 +58,7 @@ ALL_ROWS = (["dense", "magnitude 2:4", "wanda 2:4", "sparsegpt 2:4"]
 QUICK_ROWS = ["dense", "magnitude 2:4", "sparsegpt 2:4", "oneshot-hybrid 35%", "patch-tile 35%",
               "patch-joint 35%", "learned 2:4"]
 REL_TOL = 1e-4
+ONESHOT_PREFIXES = ("magnitude", "wanda", "sparsegpt", "oneshot-hybrid")
 
 
 @dataclasses.dataclass
@@ -260,19 +260,6 @@ def predicted_speedups(plan) -> dict:
             for d in SPEEDUP_DEVICES}
 
 
-def fill_predictions(out_dir: str) -> None:
-    """Rows saved without predicted speedups get them from their plan file (``plans/``)."""
-    from patchc.plan import MaskPlan
-    for path in sorted(glob.glob(os.path.join(out_dir, "rows", "*.json"))):
-        with open(path) as f:
-            rec = json.load(f)
-        plan_path = os.path.join(out_dir, "plans", slug(rec["method"]) + ".safetensors")
-        if rec.get("status") != "done" or "pred_decode_speedup_l40s" in rec or not os.path.isfile(plan_path):
-            continue
-        rec.update(predicted_speedups(MaskPlan.load(plan_path)))
-        atomic_write(path, json.dumps(rec, indent=1))
-
-
 def run_row(ctx: Context, method: str, opt: Options, out_dir: str, say: Callable = print,
             cache_dir: Optional[str] = None) -> dict:
     from .common import tree_state
@@ -308,7 +295,8 @@ def run_row(ctx: Context, method: str, opt: Options, out_dir: str, say: Callable
         plan.meta.update({"bench_row": method, "code": code, "calibration_texts": ctx.data.get("calib_texts"),
                           "calibration_windows": ctx.data.get("windows")})
         try:
-            plan.save(os.path.join(out_dir, "plans", slug(method) + ".safetensors"))
+            if not method.endswith(RECON):          # a recon row's plan is its base row's
+                plan.save(os.path.join(out_dir, "plans", slug(method) + ".safetensors"))
         except Exception as exc:  # noqa: BLE001 - the plan file is a convenience, the row is the result
             say(f"    (could not save the plan: {exc})")
     return rec
@@ -324,7 +312,8 @@ def run_benchmark(ctx: Context, rows: Sequence[str], opt: Options, out_dir: str,
     os.makedirs(os.path.join(out_dir, "rows"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "plans"), exist_ok=True)
     with open(os.path.join(out_dir, ".gitignore"), "w") as f:
-        f.write("ckpt/\nweights/\n*.log\n")
+        # learned plans are kept (compact files); one-shot ones are remade in minutes
+        f.write("ckpt/\nweights/\n*.log\n" + "".join(f"plans/{p}*\n" for p in ONESHOT_PREFIXES))
     base_sum = _checksum(ctx.model)
     for method in rows:
         path = os.path.join(out_dir, "rows", slug(method) + ".json")
