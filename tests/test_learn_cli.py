@@ -63,6 +63,8 @@ def test_prune_sparsegpt_writes_its_weights_unless_mask_only(ckpt, capsys):
     assert not (ckpt / "mo.weights.safetensors").exists()
     assert run("prune", *common[:-2], "--method", "magnitude", "--sparsity", 0.3, "--out", ckpt / "mag.safetensors") == 0
     assert not (ckpt / "mag.weights.safetensors").exists()
+    with pytest.raises(SystemExit, match="--mask-only applies to --method sparsegpt"):
+        run("prune", *common[:-2], "--method", "wanda", "--mask-only", "--out", ckpt / "x.safetensors")
     with pytest.raises(SystemExit, match="--sequential needs"):
         run("prune", *common[:-2], "--method", "magnitude", "--sequential", "--out", ckpt / "x.safetensors")
 

@@ -132,6 +132,8 @@ def cmd_prune(args) -> int:
 
     if args.mask_only and args.reconstruct:
         raise SystemExit("patchc prune: --mask-only and --reconstruct contradict each other")
+    if args.mask_only and args.method != "sparsegpt":
+        raise SystemExit(f"patchc prune: --mask-only applies to --method sparsegpt ({args.method} changes no weight)")
     update = (args.method == "sparsegpt" and not args.mask_only) or args.reconstruct
     if args.sequential and args.method == "magnitude":
         raise SystemExit("patchc prune: --sequential needs --method wanda or sparsegpt (magnitude uses no data)")
