@@ -55,8 +55,8 @@ def summary_lines(res, *, text, n_eval, seq_len, tokens, prompt, out_dir, inner,
         f"patchc demo: {res.get('model', 'SmolLM2-135M')} (fp32, CPU) with tile-level hybrid dense / 2:4 sparsity",
         "",
         f"plan        {_describe(res)}",
-        f"            {len(plan)} linears, sparsity {res['sparsity']:.2%}: {sparse} 2:4 + {tiles - sparse} dense "
-        f"tiles; {in24 / max(1, weights):.0%} of the weights in 2:4 tiles",
+        f"            {len(plan)} linears, {res['sparsity']:.2%} sparse: {sparse} 2:4 + {tiles - sparse} dense "
+        f"tiles ({in24 / max(1, weights):.0%} of weights in 2:4)",
         f"bytes       bf16 weights of those linears {dense / 2**20:.1f} MiB dense -> {packed / 2**20:.1f} MiB packed "
         f"({packed / dense - 1:+.1%})",
     ]
