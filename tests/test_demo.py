@@ -56,7 +56,7 @@ def test_demo_model_without_plan_is_an_early_error(ckpt, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("PATCHC_SLOW") != "1", reason="runs the demo on SmolLM2-135M (~2 min); "
+@pytest.mark.skipif(os.environ.get("PATCHC_SLOW") != "1", reason="runs the demo on SmolLM2-135M (~1 min idle); "
                     "set PATCHC_SLOW=1")
 def test_demo_on_smollm2_meets_its_target(tmp_path):
     from patchc.demo import run_demo
