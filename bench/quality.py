@@ -80,6 +80,8 @@ class Options:
     seed: int = 0
     eval_seed: int = 1234
     checkpoint_every: int = 10
+    recon_windows: int = 128         # calibration windows of the "+ recon" rows (all of calib_samples)
+    recon_percdamp: float = 0.3      # their damping (patchc.learn.recon.RECON_PERCDAMP)
 
 
 @dataclasses.dataclass
@@ -144,9 +146,11 @@ def make_plan(ctx: Context, method: str, opt: Options, work_dir: str, say: Calla
             raise FileNotFoundError(f"{method}: needs the plan of the row {base!r} ({src}); run that row first")
         from patchc.plan import MaskPlan
         plan = MaskPlan.load(src).validate_against(model)
-        weights = reconstruct_weights(model, plan, calib, sequential=True)
+        rcalib = ctx.calib[: opt.recon_windows]
+        weights = reconstruct_weights(model, plan, rcalib, sequential=True, percdamp=opt.recon_percdamp)
         model.load_state_dict({f"{k}.weight": v for k, v in weights.items()}, strict=False)
-        info.update(calib_tokens=calib_tokens, weights_updated=True, prior=base, calibration="sequential")
+        info.update(calib_tokens=sum(int(b.numel()) for b in rcalib), weights_updated=True, prior=base,
+                    calibration="sequential")
         return plan, model, info
     if method.endswith(" 2:4") and not method.startswith("learned"):
         kind = method.split(" ")[0]
@@ -398,6 +402,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr, help=f"Adam lr of the tile logits (default {d.lr})")
     p.add_argument("--lr-24", type=float, default=d.lr_24,
                    help=f"Adam lr of the 2:4 pattern logits, joint rows (default {d.lr_24})")
+    p.add_argument("--recon-windows", type=int, default=None,
+                   help=f"calibration windows of the '+ recon' rows (default {d.recon_windows})")
+    p.add_argument("--recon-percdamp", type=float, default=d.recon_percdamp,
+                   help=f"damping of the '+ recon' rows' least squares (default {d.recon_percdamp})")
     p.add_argument("--inner", default=d.inner, choices=("eager", "inductor"))
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--model", default="smollm2", help="checkpoint dir or GGUF file (default: the bundled SmolLM2-135M)")
@@ -417,7 +425,8 @@ def options_from_args(args) -> Options:
                    calib_samples=pick(args.calib_samples, d.calib_samples, 8),
                    eval_samples=pick(args.eval_samples, d.eval_samples, 4),
                    prior_batches=pick(args.prior_batches, d.prior_batches, 4), prior=args.prior, loss=args.loss,
-                   lr=args.lr, lr_24=args.lr_24, inner=args.inner, seed=args.seed)
+                   lr=args.lr, lr_24=args.lr_24, inner=args.inner, seed=args.seed,
+                   recon_windows=pick(args.recon_windows, d.recon_windows, 4), recon_percdamp=args.recon_percdamp)
 
 
 def run(args) -> int:

@@ -55,8 +55,21 @@ def test_fixed_mask_is_sparsegpt_own_update():
     assert torch.equal(keep, keep2) and torch.allclose(w1, w2, atol=1e-5)
 
 
+def test_damping_pulls_the_update_toward_the_masked_weights(setup):
+    model, data, plan = setup
+    mods = dict(model.named_modules())
+    moved = {}
+    for damp in (0.01, 0.3, 10.0):
+        w = reconstruct_weights(model, plan, data, percdamp=damp)
+        moved[damp] = sum(float((w[n] - mods[n].weight.detach() * plan[n].unpacked()).norm()) for n in plan)
+    assert moved[0.01] > moved[0.3] > moved[10.0] > 0, moved
+
+
 def test_bad_inputs(setup):
     model, data, plan = setup
+    for bad in (0, -0.1, float("nan"), float("inf"), True, "0.3"):
+        with pytest.raises(ValueError, match="percdamp must be a finite number > 0"):
+            reconstruct_weights(model, plan, data, percdamp=bad)
     with pytest.raises(ValueError, match="needs calibration batches"):
         reconstruct_weights(model, plan, None)
     with pytest.raises(TypeError, match="MaskPlan"):

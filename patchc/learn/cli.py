@@ -78,10 +78,21 @@ def _save_weights(plan, weights: dict, out: str, method: str) -> None:
     print(f"wrote {path}: updated weights of {len(weights)} linears (compile with weights=, demo --weights)")
 
 
-def _reconstruct(model, plan, batches, args) -> dict:
+def _damp(text: str) -> float:
+    """argparse type of --recon-damp: a finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def _reconstruct(model, plan, batches, args, percdamp: float) -> dict:
     from .recon import reconstruct_weights
-    return reconstruct_weights(model, plan, batches, sequential=True, device=getattr(args, "device", None),
-                               progress=log.isEnabledFor(logging.WARNING))
+    return reconstruct_weights(model, plan, batches, sequential=True, percdamp=percdamp,
+                               device=getattr(args, "device", None), progress=log.isEnabledFor(logging.WARNING))
 
 
 def cmd_learn(args) -> int:
@@ -121,7 +132,7 @@ def cmd_learn(args) -> int:
         plan.save(args.out)
         _report(plan, args.out)
         if args.reconstruct:
-            _save_weights(plan, _reconstruct(model, plan, batches[: cfg.calib_batches], args), args.out,
+            _save_weights(plan, _reconstruct(model, plan, batches[: cfg.calib_batches], args, args.recon_damp), args.out,
                           f"learned-{args.mode} + reconstruction")
     return 0
 
@@ -150,8 +161,9 @@ def cmd_prune(args) -> int:
     else:
         plan = oneshot_hybrid(model, calib, method=args.method, target_sparsity=args.sparsity, tile=tuple(args.tile),
                               include=args.include, exclude=args.exclude, sequential=args.sequential)
+    from .sparsegpt import SPARSEGPT_PERCDAMP
     if update and not weights:           # SparseGPT's update for the hybrid plan, or --reconstruct
-        weights = _reconstruct(model, plan, batches, args)
+        weights = _reconstruct(model, plan, batches, args, args.recon_damp if args.reconstruct else SPARSEGPT_PERCDAMP)
     plan.save(args.out)
     _report(plan, args.out)
     if update:
@@ -190,6 +202,7 @@ def register(subparsers) -> None:
     """Add ``learn``, ``prune`` and ``import-masks`` to an argparse subparsers object."""
     from .config import DEFAULT_KAPPA_TILE, LOSSES, MODES, PRIORS, STATE_DTYPES, STRATEGIES
     from .pruners import METHODS
+    from .recon import RECON_PERCDAMP
 
     p = subparsers.add_parser("learn", help="learn a hybrid dense/2:4 tile plan (PATCH-Tile / PATCH-Joint)",
                               description="Learn which tiles stay dense and which are 2:4, over frozen weights. "
@@ -229,6 +242,9 @@ def register(subparsers) -> None:
                    help="after learning, update the kept weights layer by layer (least squares on the calibration "
                         "activations, SparseGPT's update with the learned mask fixed) and write them next to the "
                         "plan as OUT.weights.safetensors (default: masks only)")
+    p.add_argument("--recon-damp", type=_damp, default=RECON_PERCDAMP, metavar="F",
+                   help=f"--reconstruct: damping, a fraction of the mean diagonal of X^T X (default {RECON_PERCDAMP}; "
+                        "SparseGPT's 0.01 fits the calibration text more closely and held-out text less well)")
     p.add_argument("--device", default=None,
                    help="device for learning, e.g. cuda; under torchrun each rank takes the GPU of its LOCAL_RANK "
                         "(default: where the model is)")
@@ -285,6 +301,9 @@ def register(subparsers) -> None:
     p.add_argument("--reconstruct", action="store_true",
                    help="any method: update the plan's kept weights layer by layer (least squares on the "
                         "calibration activations) and write them next to the plan as OUT.weights.safetensors")
+    p.add_argument("--recon-damp", type=_damp, default=RECON_PERCDAMP, metavar="F",
+                   help=f"--reconstruct: damping, a fraction of the mean diagonal of X^T X (default {RECON_PERCDAMP}; "
+                        "the SparseGPT update without --reconstruct uses SparseGPT's 0.01)")
     p.set_defaults(func=cmd_prune)
 
     p = subparsers.add_parser("import-masks", help="a plan from released masks (.npz) or a compressed-tensors "

@@ -20,7 +20,7 @@ from ..plan import MaskPlan
 from ..prune import check_target, check_tile_fits, mask24_from_scores, select_sparse_tiles, tile_errors, tile_sizes
 from ..types import TileMask, _check_tile, grid_of, sparse_allowed
 from .calib import default_linears, materialize
-from .sparsegpt import sparsegpt_prune
+from .sparsegpt import SPARSEGPT_PERCDAMP, sparsegpt_prune
 from .stream import calibrate
 
 log = logging.getLogger("patchc")
@@ -50,7 +50,7 @@ def _importance(method: str, w: torch.Tensor, st) -> torch.Tensor:
 
 
 def prune_layers(model: nn.Module, mods: dict[str, nn.Module], batches, method: str, patterns: Iterable[str],
-                 sparsity: float = 0.5, blocksize: int = 128, percdamp: float = 0.01, sequential: bool = False,
+                 sparsity: float = 0.5, blocksize: int = 128, percdamp: float = SPARSEGPT_PERCDAMP, sequential: bool = False,
                  device=None, keep: Optional[Callable[[str, dict], object]] = None, progress: bool = False) -> dict:
     """Prune every linear of ``mods`` with ``method``, one layer at a time, for each of ``patterns``.
 
@@ -113,7 +113,7 @@ def _storage_layout(new_w: torch.Tensor, module: nn.Module) -> torch.Tensor:
 def oneshot(model: nn.Module, batches=None, method: str = "magnitude", pattern: str = "2:4",
             sparsity: float = 0.5, tile=(128, 128), include: Optional[Iterable[str]] = None,
             exclude: Optional[Iterable[str]] = None, update_weights: bool = False,
-            blocksize: int = 128, percdamp: float = 0.01, sequential: bool = False, return_weights: bool = False,
+            blocksize: int = 128, percdamp: float = SPARSEGPT_PERCDAMP, sequential: bool = False, return_weights: bool = False,
             device=None, progress: bool = False):
     """One-shot pruning of the decoder-block linears (see ``LearnConfig.include`` for the default).
 

@@ -13,6 +13,10 @@ from typing import Optional
 import torch
 
 
+#: SparseGPT's damping: this fraction of the mean diagonal of XᵀX is added to it before inverting.
+SPARSEGPT_PERCDAMP = 0.01
+
+
 def _inverse_hessian_factor(hess: torch.Tensor, w: torch.Tensor, percdamp: float):
     """Upper Cholesky factor of H⁻¹ after dampening; dead inputs (zero diagonal) are zeroed."""
     h = hess.double().clone()
@@ -36,7 +40,7 @@ def _inverse_hessian_factor(hess: torch.Tensor, w: torch.Tensor, percdamp: float
 
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, hess: torch.Tensor, sparsity: float = 0.5, pattern: str = "2:4",
-                    blocksize: int = 128, percdamp: float = 0.01,
+                    blocksize: int = 128, percdamp: float = SPARSEGPT_PERCDAMP,
                     mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune one (out, in) weight with its calibration Hessian ``hess`` = 2·XᵀX/n [in, in].
 
