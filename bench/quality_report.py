@@ -17,7 +17,7 @@ OOD = ("ppl_gpl3", "ppl_britannica")          # out-of-domain texts
 MD = [("method", "method"), ("sparsity", "sparsity"), ("calibration", "calibration"), ("plays", "ppl"),
       ("×", "x:ppl"), ("GPL-3", "ppl_gpl3"), ("×", "x:ppl_gpl3"), ("Britannica", "ppl_britannica"),
       ("×", "x:ppl_britannica"), ("OOD mean ×", "ood"), ("rel_diff", "rel_diff"), ("steps", "steps"),
-      ("tokens_seen", "tokens_seen"), ("wall_s", "wall_s"), ("eval_s", "eval_s"), ("load", "load"),
+      ("lr", "lr"), ("tokens_seen", "tokens_seen"), ("wall_s", "wall_s"), ("eval_s", "eval_s"), ("load", "load"),
       ("weights", "weights_updated"), ("decode× H200", "pred_decode_speedup"),
       ("decode× L40S", "pred_decode_speedup_l40s"), ("hybrid_sites", "hybrid_sites"), ("code", "code")]
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -77,6 +77,9 @@ def write_md(path: str, rows: list[dict], header: dict, link_dir: str = "quality
                 cells.append("" if v is None else f"{v:.2f}")
             elif key == "weights_updated":
                 cells.append("updated" if r.get(key) else "")
+            elif key == "lr":                   # learned rows: the tile logits' Adam lr / the 2:4 logits'
+                o = r.get("options") or {}
+                cells.append(f"{o.get('lr'):g} / {o.get('lr_24'):g}" if r.get("steps") and o.get("lr") else "")
             else:
                 cells.append(_fmt(r.get(key), key))
         lines.append("| " + " | ".join(cells) + " |")
@@ -89,7 +92,8 @@ def write_md(path: str, rows: list[dict], header: dict, link_dir: str = "quality
               " masked eager model (`patchc.apply_plan` on a copy; must be ≤ 1e-4).  `calibration`: one dense"
               " pass of the calibration data or sequential (each block on the outputs of the pruned blocks before"
               " it); the one-shot 2:4 rows take the stronger of the two on the in-domain text.  `tokens_seen` ="
-              " tokens the mask learning ran on (steps × batch × seq_len).  `load` = mean 1-minute load average"
+              " tokens the mask learning ran on (steps × batch × seq_len); `lr` = the Adam learning rates of the"
+              " tile logits / the 2:4 pattern logits.  `load` = mean 1-minute load average"
               " of the 2-core machine during the row.  `weights`: the row computes with updated weights (SparseGPT,"
               " reconstruction).  `decode×` = the cost model's predicted decode (M = 1, bf16) speedup of the"
               " planned linears, on the H200 and on the L40S.  `hybrid_sites` = linears the backend rewrote to"
