@@ -16,7 +16,7 @@ import torch
 
 from patchc.data import default_calibration_sources, heldout_texts, load_model, load_tokenizer, make_batches
 from patchc.plan import MaskPlan
-from patchc.learn.stream import block_inputs, substituted, _first
+from patchc.learn.stream import _first, _with_hidden, block_inputs, substituted
 from patchc.learn.sparsegpt import sparsegpt_prune
 from patchc.learn.recon import reconstruct_weights
 from patchc.demo import perplexity, shipped_plan
@@ -44,11 +44,12 @@ GROUPS = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_a
           ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
-def capture(blk, names, inputs, prefix):
+def capture(blk, names, inputs):
     xs = {n: [] for n in names}
     hs = []
+    mods_blk = dict(blk.named_modules())
     for n in names:
-        m = dict(blk.named_modules())[n]
+        m = mods_blk[n]
         hs.append(m.register_forward_pre_hook(lambda mod, args, n=n: xs[n].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())))
     outs = []
     try:
@@ -66,19 +67,18 @@ with torch.no_grad():
     else:
         blocks = model.model.layers
         ins = block_inputs(model, blocks[0], [{"input_ids": c} for c in calib])
-        ins_s = [(args, kw) for args, kw in ins]
-        ins_d = [(args, kw) for args, kw in ins]
+        ins_s = ins_d = ins
         weights = {}
         for i, blk in enumerate(blocks):
             pre = f"model.layers.{i}."
             allnames = [n for g in GROUPS for n in g]
-            Xd, outs_d = capture(blk, allnames, ins_d, pre) if a.variant == "ec" else (None, None)
+            Xd, outs_d = capture(blk, allnames, ins_d) if a.variant == "ec" else (None, None)
             if outs_d is None:
                 outs_d = [_first(blk(*ar, **kw)) for ar, kw in ins_d]
             done = {}
             for g in GROUPS:
                 with substituted({pre + n: mods[pre + n] for n in done}, {pre + n: w for n, w in done.items()}):
-                    Xs, _ = capture(blk, g, ins_s, pre)
+                    Xs, _ = capture(blk, g, ins_s)
                 for n in g:
                     full = pre + n
                     if full not in plan:
@@ -100,8 +100,8 @@ with torch.no_grad():
                     weights[full] = w2
             with substituted({pre + n: mods[pre + n] for n in done}, {pre + n: w for n, w in done.items()}):
                 outs_s = [_first(blk(*ar, **kw)) for ar, kw in ins_s]
-            ins_s = [((o,) + tuple(ar[1:]), kw) if ar else (ar, {**kw, "hidden_states": o}) for (ar, kw), o in zip(ins_s, outs_s)]
-            ins_d = [((o,) + tuple(ar[1:]), kw) if ar else (ar, {**kw, "hidden_states": o}) for (ar, kw), o in zip(ins_d, outs_d)]
+            ins_s = [_with_hidden(ar, kw, o) for (ar, kw), o in zip(ins_s, outs_s)]
+            ins_d = [_with_hidden(ar, kw, o) for (ar, kw), o in zip(ins_d, outs_d)]
             print(f"block {i}: {time.time() - t0:.0f} s", flush=True)
     tr = time.time() - t0
     m2 = copy.deepcopy(model)

@@ -49,6 +49,16 @@ def positive_int(s: str) -> int:
     return v
 
 
+def positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
+    return v
+
+
 def fmt_bytes(n: float) -> str:
     return f"{n / 2**20:.2f} MiB"
 

@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import logging
 
-from ..cliutil import parse_tile
+from ..cliutil import parse_tile, positive_float
 from ..cliutil import sparsity as sparsity_type
 
 log = logging.getLogger("patchc")
@@ -76,17 +76,6 @@ def _save_weights(plan, weights: dict, out: str, method: str) -> None:
     from ..weights import save_weights, weights_path_for
     path = save_weights(weights_path_for(out), weights, {"method": method, "plan": out})
     print(f"wrote {path}: updated weights of {len(weights)} linears (compile with weights=, demo --weights)")
-
-
-def _damp(text: str) -> float:
-    """argparse type of --recon-damp: a finite number > 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < v < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return v
 
 
 def _reconstruct(model, plan, batches, args, percdamp: float) -> dict:
@@ -242,7 +231,7 @@ def register(subparsers) -> None:
                    help="after learning, update the kept weights layer by layer (least squares on the calibration "
                         "activations, SparseGPT's update with the learned mask fixed) and write them next to the "
                         "plan as OUT.weights.safetensors (default: masks only)")
-    p.add_argument("--recon-damp", type=_damp, default=RECON_PERCDAMP, metavar="F",
+    p.add_argument("--recon-damp", type=positive_float, default=RECON_PERCDAMP, metavar="F",
                    help=f"--reconstruct: damping, a fraction of the mean diagonal of X^T X (default {RECON_PERCDAMP}; "
                         "SparseGPT's 0.01 fits the calibration text more closely and held-out text less well)")
     p.add_argument("--device", default=None,
@@ -301,7 +290,7 @@ def register(subparsers) -> None:
     p.add_argument("--reconstruct", action="store_true",
                    help="any method: update the plan's kept weights layer by layer (least squares on the "
                         "calibration activations) and write them next to the plan as OUT.weights.safetensors")
-    p.add_argument("--recon-damp", type=_damp, default=RECON_PERCDAMP, metavar="F",
+    p.add_argument("--recon-damp", type=positive_float, default=RECON_PERCDAMP, metavar="F",
                    help=f"--reconstruct: damping, a fraction of the mean diagonal of X^T X (default {RECON_PERCDAMP}; "
                         "the SparseGPT update without --reconstruct uses SparseGPT's 0.01)")
     p.set_defaults(func=cmd_prune)
