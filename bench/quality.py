@@ -81,7 +81,8 @@ class Options:
     eval_seed: int = 1234
     checkpoint_every: int = 10
     recon_windows: int = 128         # calibration windows of the "+ recon" rows (all of calib_samples)
-    recon_percdamp: float = 0.3      # their damping (patchc.learn.recon.RECON_PERCDAMP)
+    recon_percdamp: float = 0.01     # their isotropic damping (patchc.learn.recon.RECON_PERCDAMP)
+    recon_diagdamp: float = 1.0      # their per-input damping (patchc.learn.recon.RECON_DIAGDAMP)
 
 
 @dataclasses.dataclass
@@ -147,7 +148,8 @@ def make_plan(ctx: Context, method: str, opt: Options, work_dir: str, say: Calla
         from patchc.plan import MaskPlan
         plan = MaskPlan.load(src).validate_against(model)
         rcalib = ctx.calib[: opt.recon_windows]
-        weights = reconstruct_weights(model, plan, rcalib, sequential=True, percdamp=opt.recon_percdamp)
+        weights = reconstruct_weights(model, plan, rcalib, sequential=True, percdamp=opt.recon_percdamp,
+                                      diagdamp=opt.recon_diagdamp)
         model.load_state_dict({f"{k}.weight": v for k, v in weights.items()}, strict=False)
         info.update(calib_tokens=sum(int(b.numel()) for b in rcalib), weights_updated=True, prior=base,
                     calibration="sequential")
@@ -405,7 +407,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--recon-windows", type=int, default=None,
                    help=f"calibration windows of the '+ recon' rows (default {d.recon_windows})")
     p.add_argument("--recon-percdamp", type=float, default=d.recon_percdamp,
-                   help=f"damping of the '+ recon' rows' least squares (default {d.recon_percdamp})")
+                   help=f"isotropic damping of the '+ recon' rows' least squares (default {d.recon_percdamp})")
+    p.add_argument("--recon-diagdamp", type=float, default=d.recon_diagdamp,
+                   help=f"per-input damping (F * diag(X^T X)) of the '+ recon' rows (default {d.recon_diagdamp})")
     p.add_argument("--inner", default=d.inner, choices=("eager", "inductor"))
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--model", default="smollm2", help="checkpoint dir or GGUF file (default: the bundled SmolLM2-135M)")
@@ -426,7 +430,8 @@ def options_from_args(args) -> Options:
                    eval_samples=pick(args.eval_samples, d.eval_samples, 4),
                    prior_batches=pick(args.prior_batches, d.prior_batches, 4), prior=args.prior, loss=args.loss,
                    lr=args.lr, lr_24=args.lr_24, inner=args.inner, seed=args.seed,
-                   recon_windows=pick(args.recon_windows, d.recon_windows, 4), recon_percdamp=args.recon_percdamp)
+                   recon_windows=pick(args.recon_windows, d.recon_windows, 4), recon_percdamp=args.recon_percdamp,
+                   recon_diagdamp=args.recon_diagdamp)
 
 
 def run(args) -> int:

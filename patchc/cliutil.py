@@ -49,14 +49,24 @@ def positive_int(s: str) -> int:
     return v
 
 
-def positive_float(s: str) -> float:
+def _finite_float(s: str, zero_ok: bool) -> float:
     try:
         v = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
-    if not 0 < v < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
+    if not (0 <= v if zero_ok else 0 < v) or not v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if zero_ok else '>'} 0, got {s}")
     return v
+
+
+def positive_float(s: str) -> float:
+    """argparse type: a finite number > 0."""
+    return _finite_float(s, zero_ok=False)
+
+
+def nonneg_float(s: str) -> float:
+    """argparse type: a finite number >= 0."""
+    return _finite_float(s, zero_ok=True)
 
 
 def fmt_bytes(n: float) -> str:

@@ -76,21 +76,25 @@ def test_prune_and_learn_reconstruct(ckpt):
     assert run("prune", *common, "--method", "wanda", "--sparsity", 0.3, "--reconstruct",
                "--out", ckpt / "wr.safetensors") == 0
     assert "reconstruction" in read_weights(ckpt / "wr.weights.safetensors")[1]["method"]
-    # --recon-damp reaches the least squares: a huge damping leaves the kept weights where they were
-    assert run("prune", *common, "--method", "wanda", "--sparsity", 0.3, "--reconstruct", "--recon-damp", 1e6,
-               "--out", ckpt / "wd.safetensors") == 0
+    # --recon-damp and --recon-diag-damp reach the least squares: a huge damping of either kind leaves
+    # the kept weights where they were
+    for f, flag in (("wd", "--recon-damp"), ("wg", "--recon-diag-damp")):
+        assert run("prune", *common, "--method", "wanda", "--sparsity", 0.3, "--reconstruct", flag, 1e6,
+                   "--out", ckpt / f"{f}.safetensors") == 0
     import torch
     from transformers import AutoModelForCausalLM
     base = dict(AutoModelForCausalLM.from_pretrained(ckpt / "model").named_modules())
     plan = patchc.MaskPlan.load(ckpt / "wd.safetensors")
     moved = {}
-    for f in ("wr", "wd"):
+    for f in ("wr", "wd", "wg"):
         w = read_weights(ckpt / f"{f}.weights.safetensors")[0]
         moved[f] = max(float((w[n] - base[n].weight * plan[n].unpacked()).abs().max()) for n in plan)
-    assert moved["wd"] < 1e-4 < moved["wr"], moved
-    with pytest.raises(SystemExit):
-        run("prune", *common, "--method", "wanda", "--sparsity", 0.3, "--reconstruct", "--recon-damp", 0,
-            "--out", ckpt / "wz.safetensors")
+    assert max(moved["wd"], moved["wg"]) < 1e-4 < moved["wr"], moved
+    for flag, bad in (("--recon-damp", 0), ("--recon-diag-damp", -1), ("--recon-diag-damp", "inf")):
+        with pytest.raises(SystemExit):
+            run("prune", *common, "--method", "wanda", "--sparsity", 0.3, "--reconstruct", flag, bad,
+                "--out", ckpt / "wz.safetensors")
+    assert not (ckpt / "wz.safetensors").exists()
     assert run("learn", *common, "--mode", "tile", "--sparsity", 0.3, "--steps", 2, "--no-progress",
                "--reconstruct", "--out", ckpt / "lr.safetensors") == 0
     assert len(read_weights(ckpt / "lr.weights.safetensors")[0]) == len(patchc.MaskPlan.load(ckpt / "lr.safetensors"))

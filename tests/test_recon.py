@@ -58,11 +58,33 @@ def test_fixed_mask_is_sparsegpt_own_update():
 def test_damping_pulls_the_update_toward_the_masked_weights(setup):
     model, data, plan = setup
     mods = dict(model.named_modules())
-    moved = {}
-    for damp in (0.01, 0.3, 10.0):
-        w = reconstruct_weights(model, plan, data, percdamp=damp)
-        moved[damp] = sum(float((w[n] - mods[n].weight.detach() * plan[n].unpacked()).norm()) for n in plan)
-    assert moved[0.01] > moved[0.3] > moved[10.0] > 0, moved
+
+    def moved(**damping):
+        w = reconstruct_weights(model, plan, data, **damping)
+        return sum(float((w[n] - mods[n].weight.detach() * plan[n].unpacked()).norm()) for n in plan)
+    iso = [moved(percdamp=d, diagdamp=0.0) for d in (0.01, 0.3, 10.0)]
+    assert iso[0] > iso[1] > iso[2] > 0, iso
+    per_input = [moved(diagdamp=d) for d in (0.0, 1.0, 100.0)]
+    assert per_input[0] > per_input[1] > per_input[2] > 0, per_input
+    assert per_input[0] == pytest.approx(iso[0])      # diagdamp 0 is the isotropic damping alone
+
+
+def test_diagonal_damping_is_invariant_to_the_scale_of_an_input():
+    # H + a·diag(H) damps every input in proportion to its own energy: scaling input j by s (and
+    # column j of W by 1/s, the same function) gives the same update, column j scaled by 1/s;
+    # isotropic damping does not (it damps a loud input's column relatively less)
+    torch.manual_seed(2)
+    w, x = torch.randn(8, 32), torch.randn(256, 32)
+    keep = torch.rand(8, 32) > 0.4
+    s = torch.ones(32)
+    s[3], s[10] = 30.0, 0.05
+    xs, ws = x * s, w / s
+
+    def update(w_, x_, **damping):
+        return sparsegpt_prune(w_, 2 * x_.t() @ x_ / 256, mask=keep, **damping)[1]
+    def gap(**damping):       # largest difference of the two updates, in the original parametrisation
+        return float((update(ws, xs, **damping) * s - update(w, x, **damping)).abs().max())
+    assert gap(percdamp=1e-6, diagdamp=1.0) < 5e-3 < 0.1 < gap(percdamp=1.0, diagdamp=0.0)
 
 
 def test_bad_inputs(setup):
@@ -70,6 +92,9 @@ def test_bad_inputs(setup):
     for bad in (0, -0.1, float("nan"), float("inf"), True, "0.3"):
         with pytest.raises(ValueError, match="percdamp must be a finite number > 0"):
             reconstruct_weights(model, plan, data, percdamp=bad)
+    for bad in (-0.1, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ValueError, match="diagdamp must be a finite number >= 0"):
+            reconstruct_weights(model, plan, data, diagdamp=bad)
     with pytest.raises(ValueError, match="needs calibration batches"):
         reconstruct_weights(model, plan, None)
     with pytest.raises(TypeError, match="MaskPlan"):

@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import logging
 
-from ..cliutil import parse_tile, positive_float
+from ..cliutil import nonneg_float, parse_tile, positive_float
 from ..cliutil import sparsity as sparsity_type
 
 log = logging.getLogger("patchc")
@@ -78,9 +78,9 @@ def _save_weights(plan, weights: dict, out: str, method: str) -> None:
     print(f"wrote {path}: updated weights of {len(weights)} linears (compile with weights=, demo --weights)")
 
 
-def _reconstruct(model, plan, batches, args, percdamp: float) -> dict:
+def _reconstruct(model, plan, batches, args, percdamp: float, diagdamp: float) -> dict:
     from .recon import reconstruct_weights
-    return reconstruct_weights(model, plan, batches, sequential=True, percdamp=percdamp,
+    return reconstruct_weights(model, plan, batches, sequential=True, percdamp=percdamp, diagdamp=diagdamp,
                                device=getattr(args, "device", None), progress=log.isEnabledFor(logging.WARNING))
 
 
@@ -121,8 +121,9 @@ def cmd_learn(args) -> int:
         plan.save(args.out)
         _report(plan, args.out)
         if args.reconstruct:
-            _save_weights(plan, _reconstruct(model, plan, batches[: cfg.calib_batches], args, args.recon_damp), args.out,
-                          f"learned-{args.mode} + reconstruction")
+            weights = _reconstruct(model, plan, batches[: cfg.calib_batches], args, args.recon_damp,
+                                   args.recon_diag_damp)
+            _save_weights(plan, weights, args.out, f"learned-{args.mode} + reconstruction")
     return 0
 
 
@@ -152,7 +153,8 @@ def cmd_prune(args) -> int:
                               include=args.include, exclude=args.exclude, sequential=args.sequential)
     from .sparsegpt import SPARSEGPT_PERCDAMP
     if update and not weights:           # SparseGPT's update for the hybrid plan, or --reconstruct
-        weights = _reconstruct(model, plan, batches, args, args.recon_damp if args.reconstruct else SPARSEGPT_PERCDAMP)
+        damping = (args.recon_damp, args.recon_diag_damp) if args.reconstruct else (SPARSEGPT_PERCDAMP, 0.0)
+        weights = _reconstruct(model, plan, batches, args, *damping)
     plan.save(args.out)
     _report(plan, args.out)
     if update:
@@ -187,11 +189,21 @@ def cmd_import_masks(args) -> int:
     return 0
 
 
+def _recon_damping_flags(p) -> None:
+    from .recon import RECON_DIAGDAMP, RECON_PERCDAMP
+    p.add_argument("--recon-diag-damp", type=nonneg_float, default=RECON_DIAGDAMP, metavar="F",
+                   help=f"--reconstruct: damping of each input in proportion to its own energy, X^T X + "
+                        f"F*diag(X^T X) (default {RECON_DIAGDAMP}; 0 = off; larger keeps the kept weights closer "
+                        "to W*M and holds up better on text unlike the calibration set)")
+    p.add_argument("--recon-damp", type=positive_float, default=RECON_PERCDAMP, metavar="F",
+                   help=f"--reconstruct: isotropic damping, a fraction of the mean diagonal of X^T X added to every "
+                        f"input (default {RECON_PERCDAMP}, SparseGPT's)")
+
+
 def register(subparsers) -> None:
     """Add ``learn``, ``prune`` and ``import-masks`` to an argparse subparsers object."""
     from .config import DEFAULT_KAPPA_TILE, LOSSES, MODES, PRIORS, STATE_DTYPES, STRATEGIES
     from .pruners import METHODS
-    from .recon import RECON_PERCDAMP
 
     p = subparsers.add_parser("learn", help="learn a hybrid dense/2:4 tile plan (PATCH-Tile / PATCH-Joint)",
                               description="Learn which tiles stay dense and which are 2:4, over frozen weights. "
@@ -231,9 +243,7 @@ def register(subparsers) -> None:
                    help="after learning, update the kept weights layer by layer (least squares on the calibration "
                         "activations, SparseGPT's update with the learned mask fixed) and write them next to the "
                         "plan as OUT.weights.safetensors (default: masks only)")
-    p.add_argument("--recon-damp", type=positive_float, default=RECON_PERCDAMP, metavar="F",
-                   help=f"--reconstruct: damping, a fraction of the mean diagonal of X^T X (default {RECON_PERCDAMP}; "
-                        "SparseGPT's 0.01 fits the calibration text more closely and held-out text less well)")
+    _recon_damping_flags(p)
     p.add_argument("--device", default=None,
                    help="device for learning, e.g. cuda; under torchrun each rank takes the GPU of its LOCAL_RANK "
                         "(default: where the model is)")
@@ -290,9 +300,7 @@ def register(subparsers) -> None:
     p.add_argument("--reconstruct", action="store_true",
                    help="any method: update the plan's kept weights layer by layer (least squares on the "
                         "calibration activations) and write them next to the plan as OUT.weights.safetensors")
-    p.add_argument("--recon-damp", type=positive_float, default=RECON_PERCDAMP, metavar="F",
-                   help=f"--reconstruct: damping, a fraction of the mean diagonal of X^T X (default {RECON_PERCDAMP}; "
-                        "the SparseGPT update without --reconstruct uses SparseGPT's 0.01)")
+    _recon_damping_flags(p)
     p.set_defaults(func=cmd_prune)
 
     p = subparsers.add_parser("import-masks", help="a plan from released masks (.npz) or a compressed-tensors "

@@ -19,23 +19,27 @@ from ..modules import oriented_weight
 from ..plan import MaskPlan
 from .calib import materialize
 from .pruners import _storage_layout
-from .sparsegpt import sparsegpt_prune
+from .sparsegpt import SPARSEGPT_PERCDAMP, sparsegpt_prune
 from .stream import calibrate
 
 log = logging.getLogger("patchc")
 
-#: Default damping of the reconstruction (a fraction of the mean diagonal of XᵀX added to it).
-#: SparseGPT's own 0.01 fits a learned mask's kept weights too closely to the calibration text:
-#: on SmolLM2-135M's learned 35 % plan (32 calibration windows, sequential; 12 evaluation windows
-#: per text) SparseGPT's 0.01 gave Hamlet/Macbeth 68.1, GPL-3 59.9, Britannica 75.8;
-#: 0.1: 67.0 / 57.8 / 74.8; 0.3: 66.6 / 56.8 / 74.8; 1.0: 66.6 / 56.3 / 75.6 (mask only: 67.1 / 55.0 /
-#: 78.3).  ``bench/results/quality/NOTES.md`` has the commands.
-RECON_PERCDAMP = 0.3
+#: Default damping of the reconstruction, in two parts: H + diagdamp·diag(H) (each input damped in
+#: proportion to its own energy, :data:`RECON_DIAGDAMP`), then + percdamp · the mean diagonal
+#: (isotropic, :data:`RECON_PERCDAMP`, SparseGPT's 0.01, for the numerics).  Isotropic damping
+#: alone cannot make the update hold off the calibration domain: on SmolLM2-135M's learned 35 % plan
+#: (32 calibration windows, sequential; 12 evaluation windows per text, Hamlet+Macbeth / GPL-3 /
+#: Britannica; mask only 67.1 / 55.0 / 78.3) percdamp 0.01 gave 68.1 / 59.9 / 75.8, 0.3 66.6 / 56.8 /
+#: 74.8, 1.0 66.6 / 56.3 / 75.6 (GPL-3 always worse than the mask alone), while diagdamp 0.3 gave
+#: 65.9 / 54.9 / 73.4, 1.0 65.8 / 53.7 / 73.6, 3.0 66.1 / 53.4 / 74.6; diagdamp 1.0 on 128
+#: windows: 65.5 / 53.5 / 73.3.  ``bench/results/quality/NOTES.md`` has the commands.
+RECON_DIAGDAMP = 1.0
+RECON_PERCDAMP = SPARSEGPT_PERCDAMP
 
 
 @torch.no_grad()
 def reconstruct_weights(model: nn.Module, plan: MaskPlan, batches, sequential: bool = True, blocksize: int = 128,
-                        percdamp: float = RECON_PERCDAMP, device=None,
+                        percdamp: float = RECON_PERCDAMP, diagdamp: float = RECON_DIAGDAMP, device=None,
                         progress: bool = False) -> dict[str, torch.Tensor]:
     """``{fqn: updated weight}`` for every linear of ``plan``: the least-squares update of its kept
     weights on the calibration activations of ``batches``, its pruned positions exactly 0.
@@ -45,15 +49,19 @@ def reconstruct_weights(model: nn.Module, plan: MaskPlan, batches, sequential: b
     strict=False)`` puts them into a model, :func:`patchc.weights.save_weights` into a file that
     ``patchc.compile(..., weights=)`` / ``backend="patch"`` (option ``weights``) load.
     ``sequential``: calibrate each decoder block on the outputs of the blocks before it already
-    reconstructed (default) instead of the dense model's activations.  ``percdamp``: the damping,
-    a fraction of the mean diagonal of XᵀX (default :data:`RECON_PERCDAMP`, 0.3; SparseGPT uses
-    0.01).  ``device``: where each block is calibrated.  The model is not modified.
+    reconstructed (default) instead of the dense model's activations.  Damping: XᵀX + diagdamp ·
+    diag(XᵀX) (``diagdamp`` >= 0, default :data:`RECON_DIAGDAMP`, 1.0: each input damped in
+    proportion to its own energy), then + ``percdamp`` (> 0, default :data:`RECON_PERCDAMP`,
+    SparseGPT's 0.01) times the mean diagonal; larger values keep the kept weights closer to
+    W ⊙ M.  ``device``: where each block is calibrated.  The model is not modified.
     """
     if not isinstance(plan, MaskPlan):
         raise TypeError(f"reconstruct_weights: plan must be a MaskPlan, got {type(plan).__name__}")
     plan.validate_against(model)
     if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not 0 < percdamp < float("inf"):
         raise ValueError(f"reconstruct_weights: percdamp must be a finite number > 0, got {percdamp!r}")
+    if isinstance(diagdamp, bool) or not isinstance(diagdamp, (int, float)) or not 0 <= diagdamp < float("inf"):
+        raise ValueError(f"reconstruct_weights: diagdamp must be a finite number >= 0, got {diagdamp!r}")
     if batches is None:
         raise ValueError("reconstruct_weights needs calibration batches (got batches=None)")
     all_mods = dict(model.named_modules())
@@ -66,7 +74,8 @@ def reconstruct_weights(model: nn.Module, plan: MaskPlan, batches, sequential: b
             w = oriented_weight(mods[name]).detach()
             hess = st.hess * (2.0 / max(1, st.rows))
             keep = plan[name].unpacked().to(hess.device)
-            _, w2 = sparsegpt_prune(w.to(hess.device), hess, mask=keep, blocksize=blocksize, percdamp=percdamp)
+            _, w2 = sparsegpt_prune(w.to(hess.device), hess, mask=keep, blocksize=blocksize, percdamp=percdamp,
+                                    diagdamp=diagdamp)
             del hess
             out[name] = _storage_layout(w2, mods[name])
             new[name] = w2.to(w.dtype)

@@ -17,14 +17,17 @@ import torch
 SPARSEGPT_PERCDAMP = 0.01
 
 
-def _inverse_hessian_factor(hess: torch.Tensor, w: torch.Tensor, percdamp: float):
-    """Upper Cholesky factor of H⁻¹ after dampening; dead inputs (zero diagonal) are zeroed."""
+def _inverse_hessian_factor(hess: torch.Tensor, w: torch.Tensor, percdamp: float, diagdamp: float = 0.0):
+    """Upper Cholesky factor of H⁻¹ after dampening (H + diagdamp·diag(H), then + percdamp · its mean
+    diagonal); dead inputs (zero diagonal) are zeroed."""
     h = hess.double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0
-    damp = percdamp * torch.mean(torch.diag(h))
     idx = torch.arange(h.shape[0], device=h.device)
+    if diagdamp:
+        h[idx, idx] *= 1.0 + diagdamp
+    damp = percdamp * torch.mean(torch.diag(h))
     for attempt in range(6):        # escalate the damping when H is numerically singular
         hd = h.clone()
         hd[idx, idx] += damp * (10 ** attempt)
@@ -41,18 +44,21 @@ def _inverse_hessian_factor(hess: torch.Tensor, w: torch.Tensor, percdamp: float
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, hess: torch.Tensor, sparsity: float = 0.5, pattern: str = "2:4",
                     blocksize: int = 128, percdamp: float = SPARSEGPT_PERCDAMP,
-                    mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    mask: Optional[torch.Tensor] = None, diagdamp: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune one (out, in) weight with its calibration Hessian ``hess`` = 2·XᵀX/n [in, in].
 
     ``pattern="2:4"`` keeps 2 of every 4 consecutive weights along K (a partial last group is
     kept); ``"unstructured"`` prunes ``sparsity`` of each block's weights.  ``mask``: a given bool
     keep-mask [N, K] instead of choosing one (the OBS update of the kept weights with the mask
-    fixed, e.g. a learned plan's).  Returns ``(keep_mask bool [N, K], updated weight float32
+    fixed, e.g. a learned plan's).  ``percdamp``: a fraction of the mean diagonal of H added to every
+    diagonal entry (isotropic damping); ``diagdamp``: a fraction of each diagonal entry added to
+    itself first (H + diagdamp·diag(H): damping in proportion to each input's energy, which leaves
+    the update invariant to the scale of an input channel).  Returns ``(keep_mask bool [N, K], updated weight float32
     [N, K])``; ``weight`` itself is not modified.
     """
     w = weight.detach().float().clone()
     n, k = w.shape
-    hinv = _inverse_hessian_factor(hess.to(w.device), w, percdamp)
+    hinv = _inverse_hessian_factor(hess.to(w.device), w, percdamp, diagdamp)
     pruned = torch.zeros(n, k, dtype=torch.bool, device=w.device)
     k4 = k // 4 * 4
     for i1 in range(0, k, blocksize):
