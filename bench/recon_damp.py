@@ -1,12 +1,16 @@
 """Damping sweep of the weight reconstruction: perplexity of SmolLM2-135M with a fixed plan, its kept
-weights reconstructed (``patchc.learn.reconstruct_weights``, sequential) at several ``percdamp``,
-on the three held-out texts of the quality bench (Hamlet + Macbeth, GPL-3, Britannica second half).
+weights reconstructed (``patchc.learn.reconstruct_weights``, sequential) at every pair of isotropic
+damping ``percdamp`` (``--damp``) and per-input damping ``diagdamp`` (``--diagdamp``), on the three
+held-out texts of the quality bench (Hamlet + Macbeth, GPL-3, Britannica second half).
 
-    python -m bench.recon_damp                                   # the shipped 35 % plan
-    python -m bench.recon_damp --plan masks.safetensors --damp 0.01,0.3 --calib 128 --eval 32
+    python -m bench.recon_damp --damp 0.01,0.1,0.3,1.0 --diagdamp 0     # isotropic damping alone
+    python -m bench.recon_damp --damp 0.01 --diagdamp 0.3,1,3           # per-input damping
+    python -m bench.recon_damp --plan masks.safetensors --diagdamp 1 --calib 128 --scale 0.5,0.75
 
+``--scale`` also evaluates each setting's update scaled after the pass, W ⊙ M + s·(W′ − W ⊙ M)
+(the later blocks were reconstructed against the full update: a probe, not an algorithm).
 Prints one line per setting (and the dense and mask-only baselines); ``--out`` writes them as JSON.
-This is what chose :data:`patchc.learn.recon.RECON_PERCDAMP`.
+This is what chose :data:`patchc.learn.recon.RECON_DIAGDAMP` and :data:`~patchc.learn.recon.RECON_PERCDAMP`.
 """
 from __future__ import annotations
 
@@ -27,16 +31,20 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m bench.recon_damp", description=__doc__.split("\n\n")[0])
     p.add_argument("--plan", default=None, help="plan file (default: the shipped 35 %% SmolLM2 plan)")
-    p.add_argument("--damp", default="0.01,0.1,0.3,1.0", help="comma-separated percdamp values")
+    p.add_argument("--damp", default="0.01", help="comma-separated percdamp values (default 0.01)")
+    p.add_argument("--diagdamp", default="0,0.3,1,3", help="comma-separated diagdamp values (default 0,0.3,1,3)")
+    p.add_argument("--scale", default="", help="comma-separated scales of the update to evaluate too (default none)")
     p.add_argument("--calib", type=int, default=32, help="calibration windows of 256 tokens (seed 0)")
     p.add_argument("--eval", type=int, default=12, help="evaluation windows of 256 tokens per text (seed 1234)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args(argv)
-    try:
-        damps = [float(x) for x in a.damp.split(",") if x.strip()]
-    except ValueError:
-        raise SystemExit(f"--damp: comma-separated numbers expected, got {a.damp!r}") from None
+    def numbers(flag, text):
+        try:
+            return [float(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise SystemExit(f"{flag}: comma-separated numbers expected, got {text!r}") from None
+    damps, diagdamps, scales = numbers("--damp", a.damp), numbers("--diagdamp", a.diagdamp), numbers("--scale", a.scale)
     if a.threads:
         torch.set_num_threads(a.threads)
     model, tok = load_model("smollm2").eval(), load_tokenizer("smollm2")
@@ -49,7 +57,7 @@ def main(argv=None) -> int:
         return {k: perplexity(m, b) for k, b in evals.items()}
 
     def say(name, r, extra=""):
-        print(f"{name:>14}: " + "  ".join(f"{k} {v:8.3f}" for k, v in r.items()) + extra, flush=True)
+        print(f"{name:>32}: " + "  ".join(f"{k} {v:8.3f}" for k, v in r.items()) + extra, flush=True)
 
     res = {"plan": a.plan or "shipped 35", "calib_windows": a.calib, "eval_windows": a.eval,
            "torch": torch.__version__}
@@ -57,14 +65,24 @@ def main(argv=None) -> int:
     say("dense", res["dense"])
     res["mask only"] = ppl(patchc.apply_plan(copy.deepcopy(model), plan))
     say("mask only", res["mask only"])
-    for d in damps:
-        t0 = time.perf_counter()
-        w = reconstruct_weights(model, plan, calib, sequential=True, percdamp=d)
-        secs = time.perf_counter() - t0
+    mods = dict(model.named_modules())
+
+    def with_weights(w):
         m = copy.deepcopy(model)
         m.load_state_dict({f"{k}.weight": v for k, v in w.items()}, strict=False)
-        res[f"percdamp {d:g}"] = r = ppl(patchc.apply_plan(m, plan))
-        say(f"percdamp {d:g}", r, f"  ({secs:.0f} s)")
+        return patchc.apply_plan(m, plan)
+    for d in damps:
+        for dd in diagdamps:
+            t0 = time.perf_counter()
+            w = reconstruct_weights(model, plan, calib, sequential=True, percdamp=d, diagdamp=dd)
+            secs = time.perf_counter() - t0
+            name = f"percdamp {d:g} diagdamp {dd:g}"
+            res[name] = r = ppl(with_weights(w))
+            say(name, r, f"  ({secs:.0f} s)")
+            for s in scales:        # pruned positions are 0 in w and masked again by apply_plan
+                w_s = {k: mods[k].weight.detach() + s * (v - mods[k].weight.detach()) for k, v in w.items()}
+                res[f"{name} scale {s:g}"] = r = ppl(with_weights(w_s))
+                say(f"  scale {s:g}", r)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
