@@ -35,6 +35,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from patchc.cliutil import parse_tile
 from patchc.files import atomic_write
 
 from . import quality_report as report
@@ -76,6 +77,7 @@ class Options:
     lr: float = 5e-3
     lr_24: float = 5e-4               # 2:4 pattern logits (joint rows): 10x below lr, see LearnConfig.lr_24
     tile: tuple = (128, 128)
+    prior_sequential: bool = False   # learned rows: the prior calibrated block by block (LearnConfig.prior_sequential)
     inner: str = "eager"             # what runs the non-linear part of the compiled graph
     seed: int = 0
     eval_seed: int = 1234
@@ -190,7 +192,8 @@ def make_plan(ctx: Context, method: str, opt: Options, work_dir: str, say: Calla
     cfg = LearnConfig(mode=mode, target_sparsity=target, tile=opt.tile, prior=opt.prior, steps=opt.steps, lr=opt.lr,
                       lr_24=opt.lr_24 if mode == "joint" else None,
                       loss=opt.loss, calib_batches=max(1, min(opt.prior_batches, len(ctx.calib))), seed=opt.seed,
-                      checkpoint_dir=ckpt, checkpoint_every=opt.checkpoint_every, resume=True, progress=False,
+                      prior_sequential=opt.prior_sequential, checkpoint_dir=ckpt, checkpoint_every=opt.checkpoint_every,
+                      resume=True, progress=False,
                       **extra)
     elapsed_path = os.path.join(ckpt, "elapsed.json")
     before = json.load(open(elapsed_path))["seconds"] if os.path.isfile(elapsed_path) else 0.0
@@ -211,7 +214,8 @@ def make_plan(ctx: Context, method: str, opt: Options, work_dir: str, say: Calla
     plan = learn_masks(model, ctx.calib, cfg, callback=callback)
     info.update(steps=opt.steps, tokens_seen=opt.steps * tok_per_step,
                 calib_tokens=0 if opt.prior == "magnitude" else sum(int(b.numel()) for b in ctx.calib[:cfg.calib_batches]),
-                prior=opt.prior, loss=opt.loss, wall_before_resume=before, calibration="one dense pass",
+                prior=opt.prior, loss=opt.loss, wall_before_resume=before,
+                calibration="sequential" if opt.prior_sequential else "one dense pass",
                 load=sum(loads) / max(1, len(loads)),
                 budget=f"latency ({LATENCY_DEVICE}, M = 1)" if extra else "count")
     say(f"    {method}: learned on {info['tokens_seen']} tokens ({opt.steps} steps x {tok_per_step})")
@@ -400,6 +404,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--prior-batches", type=int, default=None,
                    help=f"calibration batches for Wanda/SparseGPT statistics and priors (default {d.prior_batches})")
     p.add_argument("--prior", default=d.prior, choices=("magnitude", "wanda", "sparsegpt"))
+    p.add_argument("--prior-sequential", action="store_true",
+                   help="learned rows: calibrate the prior one decoder block at a time on the outputs of the blocks "
+                        "before it pruned 2:4 (default: one dense pass)")
+    p.add_argument("--tile", type=parse_tile, default=d.tile, metavar="RxC",
+                   help=f"tile (rows x cols) of every plan (default {d.tile[0]}x{d.tile[1]})")
     p.add_argument("--loss", default=d.loss, choices=("lm", "distill"))
     p.add_argument("--lr", type=float, default=d.lr, help=f"Adam lr of the tile logits (default {d.lr})")
     p.add_argument("--lr-24", type=float, default=d.lr_24,
@@ -429,7 +438,8 @@ def options_from_args(args) -> Options:
                    calib_samples=pick(args.calib_samples, d.calib_samples, 8),
                    eval_samples=pick(args.eval_samples, d.eval_samples, 4),
                    prior_batches=pick(args.prior_batches, d.prior_batches, 4), prior=args.prior, loss=args.loss,
-                   lr=args.lr, lr_24=args.lr_24, inner=args.inner, seed=args.seed,
+                   lr=args.lr, lr_24=args.lr_24, tile=args.tile, prior_sequential=args.prior_sequential,
+                   inner=args.inner, seed=args.seed,
                    recon_windows=pick(args.recon_windows, d.recon_windows, 4), recon_percdamp=args.recon_percdamp,
                    recon_diagdamp=args.recon_diagdamp)
 

@@ -93,6 +93,11 @@ def test_rows_and_split():
     p = q.add_arguments(__import__("argparse").ArgumentParser())
     opt = q.options_from_args(p.parse_args(["--quick"]))
     assert opt.steps < 20 and opt.eval_samples <= 8 and opt.seq_len >= 256
+    assert opt.tile == (128, 128) and opt.prior_sequential is False
+    opt = q.options_from_args(p.parse_args(["--tile", "64x64", "--prior-sequential"]))
+    assert opt.tile == (64, 64) and opt.prior_sequential is True
+    with pytest.raises(SystemExit):
+        p.parse_args(["--tile", "64x62"])           # not a multiple of 4: argparse refuses it
 
 
 def test_targets_are_checked_on_the_rows():
