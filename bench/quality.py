@@ -54,7 +54,7 @@ ALL_ROWS = (["dense", "magnitude 2:4", "wanda 2:4", "sparsegpt 2:4"]
             + [f"oneshot-hybrid {int(s * 100)}%" for s in SPARSITIES]
             + [f"patch-tile {int(s * 100)}%" for s in SPARSITIES]
             + [f"patch-joint {int(s * 100)}%" for s in SPARSITIES]
-            + [f"patch-joint {int(s * 100)}%{RECON}" for s in SPARSITIES]
+            + [f"patch-{mode} {int(s * 100)}%{RECON}" for mode in ("joint", "tile") for s in SPARSITIES]
             + [f"patch-joint 35%{LATENCY}", "learned 2:4"])
 QUICK_ROWS = ["dense", "magnitude 2:4", "sparsegpt 2:4", "oneshot-hybrid 35%", "patch-tile 35%",
               "patch-joint 35%", "learned 2:4"]

@@ -88,7 +88,7 @@ def test_rows_and_split():
     assert q.parse_rows("dense, patch-tile 25%") == ["dense", "patch-tile 25%"]
     with pytest.raises(ValueError, match="unknown rows"):
         q.parse_rows("patch 25%")
-    assert len(q.ALL_ROWS) == 18 and q.slug("learned 2:4") == "learned-2-4"
+    assert len(q.ALL_ROWS) == 21 and "patch-tile 25% + recon" in q.ALL_ROWS and q.slug("learned 2:4") == "learned-2-4"
     assert q.slug("patch-joint 35% + recon") == "patch-joint-35-recon"
     p = q.add_arguments(__import__("argparse").ArgumentParser())
     opt = q.options_from_args(p.parse_args(["--quick"]))
