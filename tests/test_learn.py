@@ -337,3 +337,62 @@ def test_coarse_grid_reaches_the_target_with_the_fewest_tiles_and_a_warning(capl
         plan = learn_masks(model, calib_batches(4), cfg(tile=(64, 64), steps=2, target_sparsity=0.3,
                                                         include=["model.layers.0.mlp.down_proj"]))
     assert plan.sparsity() == 0.5 and "too coarse" in caplog.text      # 2 tiles: 0, 0.25 or 0.5; >= 0.3
+
+
+def test_hidden_distill_adds_the_block_output_mismatch(tmp_path):
+    from patchc.learn.losses import hidden_mismatch
+    t = [torch.randn(2, 5, 8), torch.randn(2, 5, 8)]
+    s = [x + 0.1 * torch.randn_like(x) for x in t]
+    valid = torch.tensor([True] * 9 + [False])
+    want = torch.stack([((a - b).reshape(-1, 8)[:9].square().sum(-1) / b.reshape(-1, 8)[:9].square().sum(-1)).mean()
+                        for a, b in zip(s, t)]).mean()
+    assert torch.allclose(hidden_mismatch(s, t, valid), want) and float(hidden_mismatch(t, t, valid)) == 0.0
+    with pytest.raises(RuntimeError, match="1 student and 2 teacher"):
+        hidden_mismatch(s[:1], t, valid)
+    # the term is linear in its weight and leaves everything else of the step alone: the KL and the
+    # Gumbel noise are the same, so the first step's task losses lie on a line
+    model, data = trained_llama(), calib_batches(8)
+    first = {}
+    for w in (0.0, 1.0, 2.0):
+        learn_masks(model, data, cfg(mode="joint", loss="distill", hidden_distill=w, steps=1),
+                    callback=lambda step, rec, w=w: first.setdefault(w, rec["task_loss"]))
+    d1, d2 = first[1.0] - first[0.0], first[2.0] - first[0.0]
+    assert d1 > 1e-4 and d2 == pytest.approx(2 * d1, rel=1e-4)
+    plan = learn_masks(model, data, cfg(mode="joint", loss="distill", hidden_distill=1.0, steps=6))
+    plan.validate().validate_against(model)
+    assert abs(plan.sparsity() - 0.35) <= 0.005
+    # it is part of a run's identity: a checkpoint resumes only with the same weight, and a
+    # checkpoint written before the option existed counts as the default (0)
+    c = cfg(loss="distill", steps=3, checkpoint_every=1, checkpoint_dir=str(tmp_path))
+
+    def stop(step, rec):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        learn_masks(model, data, c, callback=stop)         # stopped after step 0's checkpoint
+    with pytest.raises(ValueError, match="hidden_distill: checkpoint 0.0 vs now 0.5"):
+        learn_masks(model, data, c, resume=True, hidden_distill=0.5)
+    head = tmp_path / "learn_ckpt.json"
+    old = json.loads(head.read_text())
+    del old["config"]["hidden_distill"]
+    head.write_text(json.dumps(old))
+    steps = []
+    learn_masks(model, data, c, resume=True, callback=lambda step, rec: steps.append(step))
+    assert steps == [1, 2]
+
+
+def test_hidden_distill_bad_inputs():
+    with pytest.raises(ValueError, match="hidden_distill=0.5 needs loss='distill'"):
+        LearnConfig(hidden_distill=0.5)
+    for bad in (-1.0, float("nan"), "1", True):
+        with pytest.raises(ValueError, match="hidden_distill must be a finite number"):
+            LearnConfig(loss="distill", hidden_distill=bad)
+
+    class Flat(torch.nn.Module):                # linears but no list of blocks
+        def __init__(self):
+            super().__init__()
+            self.emb, self.a, self.b = torch.nn.Embedding(256, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 256)
+
+        def forward(self, input_ids, **kw):
+            return self.b(torch.relu(self.a(self.emb(input_ids))))
+    with pytest.raises(ValueError, match="hidden_distill=1.0: Flat has no nn.ModuleList"):
+        learn_masks(Flat(), calib_batches(2), cfg(loss="distill", hidden_distill=1.0))

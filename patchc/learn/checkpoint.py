@@ -40,7 +40,9 @@ LEGACY = "learn_ckpt.safetensors"          # version 1: one file gathered on ran
 MUST_MATCH = ("mode", "target_sparsity", "tile", "prior", "prior_sparsity", "prior_strength", "calib_batches",
               "prior_sequential", "steps", "lr", "lr_24", "tau", "kappa_tile", "kappa_24", "lambda1", "lambda2",
               "include", "exclude", "seed", "loss", "state_dtype", "batches_per_step",
-              "density_weights")
+              "density_weights", "hidden_distill")
+# options added after the format: a checkpoint written before them ran with their default
+ADDED_DEFAULTS = {"hidden_distill": 0.0}
 
 
 @contextlib.contextmanager
@@ -124,8 +126,9 @@ def read_header(directory: str, want: dict) -> Optional[dict]:
         header = json.load(f)
     if header.get("format") != FORMAT or header.get("version") != VERSION:
         raise ValueError(f"{path}: not a patchc learning checkpoint (version {VERSION})")
-    diff = [f"{k}: checkpoint {header['config'].get(k)!r} vs now {want['config'][k]!r}"
-            for k in MUST_MATCH if json.dumps(header["config"].get(k)) != json.dumps(want["config"][k])]
+    have = {**ADDED_DEFAULTS, **header["config"]}
+    diff = [f"{k}: checkpoint {have.get(k)!r} vs now {want['config'][k]!r}"
+            for k in MUST_MATCH if json.dumps(have.get(k)) != json.dumps(want["config"][k])]
     if diff:
         raise ValueError(f"{path}: cannot resume, LearnConfig differs from the checkpointed run: " + "; ".join(diff))
     if header["layers"] != want["layers"]:

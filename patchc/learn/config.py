@@ -102,6 +102,9 @@ class LearnConfig:
         ``checkpoint_dir`` when there is one, on the same or another number of ranks.
     loss: ``"lm"`` (next-token cross-entropy) or ``"distill"`` (KL to the same model run with its
         masks switched off, under no_grad).
+    hidden_distill: with ``loss="distill"``, weight of a term matching every decoder block's output
+        to the dense model's: the mean over blocks and tokens of ‖h − h_dense‖² / ‖h_dense‖²
+        (:func:`patchc.learn.losses.hidden_mismatch`); 0 (default): the KL alone.
     log_path: JSON-lines log, one record per step (default ``checkpoint_dir/learn_log.jsonl``).
     progress: show a tqdm bar (rank 0 only).
     """
@@ -138,6 +141,7 @@ class LearnConfig:
     checkpoint_every: int = 50
     resume: bool = False
     loss: str = "lm"
+    hidden_distill: float = 0.0
     log_path: Optional[str] = None
     progress: bool = True
 
@@ -148,6 +152,13 @@ class LearnConfig:
             raise ValueError(f"LearnConfig.prior must be one of {PRIORS}, got {self.prior!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"LearnConfig.loss must be one of {LOSSES}, got {self.loss!r}")
+        h = self.hidden_distill
+        if isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h) or h < 0:
+            raise ValueError(f"LearnConfig.hidden_distill must be a finite number >= 0, got {h!r}")
+        if h > 0 and self.loss != "distill":
+            raise ValueError(f"LearnConfig.hidden_distill={h} needs loss='distill' (the dense model's block "
+                             f"outputs are its targets), got loss={self.loss!r}")
+        self.hidden_distill = float(h)
         self.target_sparsity = check_target(self.target_sparsity)
         self.tile = _check_tile(self.tile)
         if not 0.0 < float(self.prior_sparsity) < 1.0:

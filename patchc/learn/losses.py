@@ -1,5 +1,6 @@
 """The task losses of mask learning: next-token cross-entropy ("lm") and KL to the dense model
-("distill"), both averaged over the real tokens."""
+("distill"), both averaged over the real tokens; "distill" optionally adds a block-output matching
+term (:func:`hidden_mismatch`)."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .calib import output_logits
+from .stream import first_output
 
 # logits rows per float32 chunk of the cross-entropy: 2^18 elements (1 MiB) per temporary
 _CHUNK_ELEMS = 1 << 18
@@ -67,9 +69,41 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return _TokenCE.apply(logits.reshape(b * t, v), full, rows, order)
 
 
-def task_loss(model: nn.Module, ctx, inputs: dict, kind: str) -> torch.Tensor:
+class _BlockOutputs:
+    """Forward hooks that keep each block's output (its hidden states) while the ``with`` lasts."""
+
+    def __init__(self, blocks):
+        self.blocks, self.out = list(blocks or ()), []
+
+    def __enter__(self):
+        self.hooks = [b.register_forward_hook(lambda mod, args, out: self.out.append(first_output(out)))
+                      for b in self.blocks]
+        return self.out
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+
+
+def hidden_mismatch(student: list, teacher: list, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over blocks and real tokens of ‖h_student − h_teacher‖² / ‖h_teacher‖² (float32).
+    Relative per token: the residual stream's norm varies by orders of magnitude between tokens
+    (a first token's can be 100× the rest), which an absolute error would let one token decide."""
+    if len(student) != len(teacher) or not student:
+        raise RuntimeError(f"hidden distillation: {len(student)} student and {len(teacher)} teacher block "
+                           "outputs (each block must run once per forward)")
+    terms = []
+    for s, t in zip(student, teacher):
+        s, t = s.float().reshape(-1, s.shape[-1])[valid], t.float().reshape(-1, t.shape[-1])[valid]
+        terms.append(((s - t).square().sum(-1) / t.square().sum(-1).clamp_min(1e-12)).mean())
+    return torch.stack(terms).mean()
+
+
+def task_loss(model: nn.Module, ctx, inputs: dict, kind: str, blocks=None, hidden: float = 0.0) -> torch.Tensor:
     """Next-token CE ("lm") or KL(dense ‖ masked) ("distill") on one batch, mean over real tokens.
-    ``ctx``: the run's :class:`~patchc.learn.state.StepContext` (its masks are off for the teacher)."""
+    ``ctx``: the run's :class:`~patchc.learn.state.StepContext` (its masks are off for the teacher).
+    ``hidden > 0`` (distill only) adds ``hidden`` × :func:`hidden_mismatch` of the outputs of
+    ``blocks`` (the decoder blocks), student against teacher."""
     inputs = dict(inputs)
     labels = inputs.pop("labels", None)
     if labels is None:
@@ -80,14 +114,19 @@ def task_loss(model: nn.Module, ctx, inputs: dict, kind: str) -> torch.Tensor:
             labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)
     if kind == "lm":
         return lm_loss(output_logits(model(**inputs)), labels)
+    watch = blocks if hidden > 0 else None
     ctx.masks_on = False
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _BlockOutputs(watch) as h_teacher:
             teacher = output_logits(model(**inputs)).float()
     finally:
         ctx.masks_on = True
-    logits = output_logits(model(**inputs)).float()
+    with _BlockOutputs(watch) as h_student:
+        logits = output_logits(model(**inputs)).float()
     valid = (labels != -100).reshape(-1)
     logp_s = F.log_softmax(logits, -1).reshape(-1, logits.shape[-1])[valid]
     logp_t = F.log_softmax(teacher, -1).reshape(-1, logits.shape[-1])[valid]
-    return F.kl_div(logp_s, logp_t, log_target=True, reduction="batchmean")
+    kl = F.kl_div(logp_s, logp_t, log_target=True, reduction="batchmean")
+    if watch is None:
+        return kl
+    return kl + hidden * hidden_mismatch(h_student, h_teacher, valid)

@@ -39,7 +39,8 @@ def _move(obj, device):
     return obj
 
 
-def _first(out):
+def first_output(out):
+    """A block's hidden states: its output, or the first element of a tuple output."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -141,7 +142,7 @@ def calibrate(model: nn.Module, mods: dict[str, nn.Module], batches: list[dict],
                 try:
                     for args, kwargs in inputs:
                         new_batch()
-                        outs.append(_first(blocks[i](*args, **kwargs)))
+                        outs.append(first_output(blocks[i](*args, **kwargs)))
                 finally:
                     new_batch()
                     for h in handles:
@@ -152,7 +153,7 @@ def calibrate(model: nn.Module, mods: dict[str, nn.Module], batches: list[dict],
                     del stats
                     if sequential and weights:
                         with substituted(group, weights):
-                            outs = [_first(blocks[i](*a, **k)) for a, k in inputs]
+                            outs = [first_output(blocks[i](*a, **k)) for a, k in inputs]
                     del weights
             if i < last:
                 inputs = [_with_hidden(a, k, o) for (a, k), o in zip(inputs, outs)]

@@ -2,7 +2,8 @@
 
 loss = task + λ1·|soft sparsity − target| − λ2·(1 − t/T)·‖M⊙W‖/‖W‖, where task is the
 next-token cross-entropy (``loss="lm"``) or the KL divergence to the dense model's own output
-(``loss="distill"``: the same modules run with their masks switched off, under no_grad).
+(``loss="distill"``: the same modules run with their masks switched off, under no_grad), plus
+``hidden_distill`` × the blocks' relative output mismatch to that dense run when set.
 Only the mask logits receive gradients.  They live on the linears they mask
 (:mod:`patchc.learn.state`); each linear draws its mask in its own forward.  Each logit tensor is
 updated by Adam as soon as its gradient is final, during backward, and the gradient freed.
@@ -119,6 +120,13 @@ def learn_masks(model: nn.Module, batches, config: Optional[LearnConfig] = None,
     shapes = {n: tuple(oriented_weight(m).shape) for n, m in mods.items()}
     for n, s in shapes.items():
         check_tile_fits(n, s, cfg.tile)
+    blocks = None
+    if cfg.hidden_distill > 0:
+        found = decoder_blocks(model)
+        if found is None:
+            raise ValueError(f"LearnConfig.hidden_distill={cfg.hidden_distill}: {type(model).__name__} has no "
+                             "nn.ModuleList of decoder blocks whose outputs the term could match")
+        blocks = list(found[1])
     per_step = cfg.batches_per_step or dist.world
     if per_step % dist.world:
         raise ValueError(f"LearnConfig.batches_per_step={per_step} cannot be split evenly over {dist.world} ranks")
@@ -160,7 +168,7 @@ def learn_masks(model: nn.Module, batches, config: Optional[LearnConfig] = None,
         for step in range(start, cfg.steps):
             mine = [(step * per_step + j) % len(data) for j in range(per_step)][dist.rank::dist.world]
             rec = _step(model, order, ctx, [{**to_device(data[i], device), **use_cache} for i in mine], cfg, step,
-                        adam, sync, dist, (total, total_w), w_sq)
+                        adam, sync, dist, (total, total_w), w_sq, blocks)
             if logf:
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
@@ -239,7 +247,7 @@ def _updater(adam: Adam, i: int, sync: _Sync, dist: Dist):
 
 
 def _step(model, states: list[MaskState], ctx: StepContext, batches: list[dict], cfg: LearnConfig, step: int,
-          adam: Adam, sync: _Sync, dist: Dist, totals: tuple, w_sq: float) -> dict:
+          adam: Adam, sync: _Sync, dist: Dist, totals: tuple, w_sq: float, blocks=None) -> dict:
     """One optimisation step over this rank's batches (gradients accumulated); its log record."""
     t0 = time.perf_counter()
     sched = ctx.sched = cfg.schedule(step)
@@ -253,7 +261,7 @@ def _step(model, states: list[MaskState], ctx: StepContext, batches: list[dict],
         ctx.stats.clear()
         ctx.collect = True
         try:
-            task = task_loss(model, ctx, batch, cfg.loss)
+            task = task_loss(model, ctx, batch, cfg.loss, blocks, cfg.hidden_distill)
         finally:
             ctx.collect = False
         pruned, mag, weighted = zip(*ctx.stats)
