@@ -355,9 +355,11 @@ def test_hidden_distill_adds_the_block_output_mismatch(tmp_path):
     first = {}
     for w in (0.0, 1.0, 2.0):
         learn_masks(model, data, cfg(mode="joint", loss="distill", hidden_distill=w, steps=1),
-                    callback=lambda step, rec, w=w: first.setdefault(w, rec["task_loss"]))
-    d1, d2 = first[1.0] - first[0.0], first[2.0] - first[0.0]
+                    callback=lambda step, rec, w=w: first.setdefault(w, rec))
+    d1, d2 = (first[w]["task_loss"] - first[0.0]["task_loss"] for w in (1.0, 2.0))
     assert d1 > 1e-4 and d2 == pytest.approx(2 * d1, rel=1e-4)
+    assert "hidden_mismatch" not in first[0.0]        # the log says the unweighted term
+    assert first[1.0]["hidden_mismatch"] == pytest.approx(d1, rel=1e-4) == first[2.0]["hidden_mismatch"]
     plan = learn_masks(model, data, cfg(mode="joint", loss="distill", hidden_distill=1.0, steps=6))
     plan.validate().validate_against(model)
     assert abs(plan.sparsity() - 0.35) <= 0.005

@@ -3,6 +3,8 @@
 term (:func:`hidden_mismatch`)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -99,11 +101,13 @@ def hidden_mismatch(student: list, teacher: list, valid: torch.Tensor) -> torch.
     return torch.stack(terms).mean()
 
 
-def task_loss(model: nn.Module, ctx, inputs: dict, kind: str, blocks=None, hidden: float = 0.0) -> torch.Tensor:
-    """Next-token CE ("lm") or KL(dense ‖ masked) ("distill") on one batch, mean over real tokens.
-    ``ctx``: the run's :class:`~patchc.learn.state.StepContext` (its masks are off for the teacher).
-    ``hidden > 0`` (distill only) adds ``hidden`` × :func:`hidden_mismatch` of the outputs of
-    ``blocks`` (the decoder blocks), student against teacher."""
+def task_loss(model: nn.Module, ctx, inputs: dict, kind: str, blocks=None,
+              hidden: float = 0.0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(loss, block mismatch or None): next-token CE ("lm") or KL(dense ‖ masked) ("distill") on
+    one batch, mean over real tokens.  ``ctx``: the run's :class:`~patchc.learn.state.StepContext`
+    (its masks are off for the teacher).  ``hidden > 0`` (distill only) adds ``hidden`` ×
+    :func:`hidden_mismatch` of the outputs of ``blocks`` (the decoder blocks), student against
+    teacher, and returns that mismatch (unweighted) second."""
     inputs = dict(inputs)
     labels = inputs.pop("labels", None)
     if labels is None:
@@ -113,7 +117,7 @@ def task_loss(model: nn.Module, ctx, inputs: dict, kind: str, blocks=None, hidde
         if "attention_mask" in inputs:
             labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)
     if kind == "lm":
-        return lm_loss(output_logits(model(**inputs)), labels)
+        return lm_loss(output_logits(model(**inputs)), labels), None
     watch = blocks if hidden > 0 else None
     ctx.masks_on = False
     try:
@@ -128,5 +132,6 @@ def task_loss(model: nn.Module, ctx, inputs: dict, kind: str, blocks=None, hidde
     logp_t = F.log_softmax(teacher, -1).reshape(-1, logits.shape[-1])[valid]
     kl = F.kl_div(logp_s, logp_t, log_target=True, reduction="batchmean")
     if watch is None:
-        return kl
-    return kl + hidden * hidden_mismatch(h_student, h_teacher, valid)
+        return kl, None
+    mismatch = hidden_mismatch(h_student, h_teacher, valid)
+    return kl + hidden * mismatch, mismatch

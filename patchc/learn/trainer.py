@@ -255,13 +255,13 @@ def _step(model, states: list[MaskState], ctx: StepContext, batches: list[dict],
         st.begin_step()
     adam.begin_step()
     total, total_w = totals
-    sums = [0.0] * 5
+    sums = [0.0] * 6
     for j, batch in enumerate(batches):
         sync.final = j == len(batches) - 1
         ctx.stats.clear()
         ctx.collect = True
         try:
-            task = task_loss(model, ctx, batch, cfg.loss, blocks, cfg.hidden_distill)
+            task, hidden = task_loss(model, ctx, batch, cfg.loss, blocks, cfg.hidden_distill)
         finally:
             ctx.collect = False
         pruned, mag, weighted = zip(*ctx.stats)
@@ -272,10 +272,12 @@ def _step(model, states: list[MaskState], ctx: StepContext, batches: list[dict],
         mag_ratio = (torch.stack(mag).sum() / w_sq).sqrt()
         loss = task + cfg.lambda1 * (soft_w - cfg.target_sparsity).abs() - cfg.lambda2 * sched["decay"] * mag_ratio
         (loss if len(batches) == 1 else loss / len(batches)).backward()
-        for i, x in enumerate((loss, task, soft_sp, mag_ratio, soft_w)):
+        for i, x in enumerate((loss, task, soft_sp, mag_ratio, soft_w, hidden if hidden is not None else task)):
             sums[i] += float(x.detach()) / len(batches)
-    loss, task, soft_sp, mag_ratio, soft_w = dist.mean(sums)
+    loss, task, soft_sp, mag_ratio, soft_w, hidden = dist.mean(sums)
     extra = {"weighted_sparsity": soft_w} if cfg.density_weights else {}
+    if cfg.hidden_distill > 0:          # task_loss = KL + hidden_distill × hidden_mismatch
+        extra["hidden_mismatch"] = hidden
     return {"step": step, "loss": loss, "task_loss": task, "soft_sparsity": soft_sp, "soft_density": 1 - soft_sp, **extra,
             "magnitude": mag_ratio, "tau": sched["tau"], "kappa_tile": sched["kappa_tile"],
             "kappa_24": sched["kappa_24"], "seconds": round(time.perf_counter() - t0, 4)}
