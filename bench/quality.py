@@ -75,6 +75,7 @@ class Options:
     prior: str = "wanda"             # prior of the learned rows and score of oneshot-hybrid
     loss: str = "distill"
     hidden_distill: float = 0.0      # learned rows: weight of the block-output term (LearnConfig.hidden_distill)
+    pattern_plan: Optional[str] = None   # learned rows: 2:4 patterns from this plan file (LearnConfig.pattern_plan)
     lr: float = 5e-3
     lr_24: float = 5e-4               # 2:4 pattern logits (joint rows): 10x below lr, see LearnConfig.lr_24
     tile: tuple = (128, 128)
@@ -192,7 +193,7 @@ def make_plan(ctx: Context, method: str, opt: Options, work_dir: str, say: Calla
     os.makedirs(ckpt, exist_ok=True)
     cfg = LearnConfig(mode=mode, target_sparsity=target, tile=opt.tile, prior=opt.prior, steps=opt.steps, lr=opt.lr,
                       lr_24=opt.lr_24 if mode == "joint" else None,
-                      loss=opt.loss, hidden_distill=opt.hidden_distill, calib_batches=max(1, min(opt.prior_batches, len(ctx.calib))), seed=opt.seed,
+                      loss=opt.loss, hidden_distill=opt.hidden_distill, pattern_plan=opt.pattern_plan, calib_batches=max(1, min(opt.prior_batches, len(ctx.calib))), seed=opt.seed,
                       prior_sequential=opt.prior_sequential, checkpoint_dir=ckpt, checkpoint_every=opt.checkpoint_every,
                       resume=True, progress=False,
                       **extra)
@@ -414,6 +415,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--hidden-distill", type=float, default=d.hidden_distill, metavar="W",
                    help="learned rows: add W x the decoder blocks' relative output mismatch to the dense model's "
                         f"to the distillation loss (LearnConfig.hidden_distill; default {d.hidden_distill})")
+    p.add_argument("--pattern-plan", default=None, metavar="PLAN",
+                   help="learned rows: take the 2:4 patterns of this plan file where it is 2:4, e.g. the learned 2:4 "
+                        "row's plan (LearnConfig.pattern_plan; default: the prior's)")
     p.add_argument("--lr", type=float, default=d.lr, help=f"Adam lr of the tile logits (default {d.lr})")
     p.add_argument("--lr-24", type=float, default=d.lr_24,
                    help=f"Adam lr of the 2:4 pattern logits, joint rows (default {d.lr_24})")
@@ -442,7 +446,7 @@ def options_from_args(args) -> Options:
                    calib_samples=pick(args.calib_samples, d.calib_samples, 8),
                    eval_samples=pick(args.eval_samples, d.eval_samples, 4),
                    prior_batches=pick(args.prior_batches, d.prior_batches, 4), prior=args.prior, loss=args.loss,
-                   hidden_distill=args.hidden_distill, lr=args.lr, lr_24=args.lr_24, tile=args.tile, prior_sequential=args.prior_sequential,
+                   hidden_distill=args.hidden_distill, pattern_plan=args.pattern_plan, lr=args.lr, lr_24=args.lr_24, tile=args.tile, prior_sequential=args.prior_sequential,
                    inner=args.inner, seed=args.seed,
                    recon_windows=pick(args.recon_windows, d.recon_windows, 4), recon_percdamp=args.recon_percdamp,
                    recon_diagdamp=args.recon_diagdamp)

@@ -398,3 +398,32 @@ def test_hidden_distill_bad_inputs():
             return self.b(torch.relu(self.a(self.emb(input_ids))))
     with pytest.raises(ValueError, match="hidden_distill=1.0: Flat has no nn.ModuleList"):
         learn_masks(Flat(), calib_batches(2), cfg(loss="distill", hidden_distill=1.0))
+
+
+def test_pattern_plan_gives_the_2_4_patterns(tmp_path):
+    model, data = trained_llama(), calib_batches(8)
+    src = learn_masks(model, data, cfg(mode="joint", target_sparsity=0.5, steps=3))   # a learned 2:4 plan
+    path = str(tmp_path / "l24.safetensors")
+    src.save(path)
+    wanda = learn_masks(model, data, cfg(prior="wanda", steps=2))
+    plan = learn_masks(model, data, cfg(prior="wanda", steps=2, pattern_plan=path))
+    assert abs(plan.sparsity() - 0.35) <= 0.005
+    differs = 0
+    for n, m in plan.items():
+        sparse = expand_tiles(m.tile_kind.bool(), m.tile, m.shape)
+        assert torch.equal(m.mask[sparse], src[n].mask[sparse]), n          # every 2:4 tile: the plan's pattern
+        w = wanda[n]
+        both = expand_tiles((m.tile_kind & w.tile_kind).bool(), m.tile, m.shape)
+        differs += int((m.mask[both] != w.mask[both]).sum())
+    assert differs > 0, "the prior's own patterns differ from the plan's"
+    # the plan is checked before any work: missing layers, other shapes, no file
+    part = str(tmp_path / "part.safetensors")
+    patchc.plan.MaskPlan({k: v for k, v in src.items() if "mlp" in k}, src.meta).save(part)
+    with pytest.raises(ValueError, match=r"part.safetensors: no mask for the learned linear model.layers.0.self_attn"):
+        learn_masks(model, data, cfg(pattern_plan=part))
+    wide = tiny_llama_model(intermediate_size=192)
+    with pytest.raises(ValueError, match=r"l24.safetensors: model.layers.0.mlp.gate_proj is \(128, 64\) in the plan, "
+                                         r"\(192, 64\) in the model"):
+        learn_masks(wide, data, cfg(pattern_plan=path))
+    with pytest.raises(FileNotFoundError, match="pattern_plan: .*nothing.safetensors is not a file"):
+        LearnConfig(pattern_plan=str(tmp_path / "nothing.safetensors"))

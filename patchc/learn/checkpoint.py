@@ -40,9 +40,9 @@ LEGACY = "learn_ckpt.safetensors"          # version 1: one file gathered on ran
 MUST_MATCH = ("mode", "target_sparsity", "tile", "prior", "prior_sparsity", "prior_strength", "calib_batches",
               "prior_sequential", "steps", "lr", "lr_24", "tau", "kappa_tile", "kappa_24", "lambda1", "lambda2",
               "include", "exclude", "seed", "loss", "state_dtype", "batches_per_step",
-              "density_weights", "hidden_distill")
+              "density_weights", "hidden_distill", "pattern_plan")
 # options added after the format: a checkpoint written before them ran with their default
-ADDED_DEFAULTS = {"hidden_distill": 0.0}
+ADDED_DEFAULTS = {"hidden_distill": 0.0, "pattern_plan": None}
 
 
 @contextlib.contextmanager

@@ -100,7 +100,7 @@ def cmd_learn(args) -> int:
                       kappa_24=tuple(args.kappa_24), lambda1=args.lambda1, lambda2=args.lambda2,
                       include=args.include, exclude=args.exclude, seed=args.seed, device=args.device,
                       dtype=args.dtype, grad_checkpointing=args.grad_checkpointing, loss=args.loss,
-                      hidden_distill=args.hidden_distill,
+                      hidden_distill=args.hidden_distill, pattern_plan=args.patterns,
                       checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                       resume=args.resume, log_path=args.log, progress=not args.no_progress,
                       state_dtype=args.state_dtype, recompute_masks=args.recompute_masks, strategy=args.strategy,
@@ -223,6 +223,9 @@ def register(subparsers) -> None:
                    help="Adam learning rate of the 2:4 pattern logits, joint mode (default: --lr / 10)")
     p.add_argument("--loss", choices=LOSSES, default="lm",
                    help="lm: next-token loss; distill: KL to the unmasked model's outputs (default: lm)")
+    p.add_argument("--patterns", default=None, metavar="PLAN",
+                   help="take the 2:4 patterns of this plan file (e.g. a learned 2:4 plan) wherever it is 2:4, instead "
+                        "of the prior's; the tile logits still start from the prior")
     p.add_argument("--hidden-distill", type=float, default=0.0, metavar="W",
                    help="with --loss distill: add W x the mean relative mismatch of every decoder block's output "
                         "to the unmasked model's (default: 0, the KL alone)")

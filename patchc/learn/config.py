@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 import math
+import os
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -102,6 +103,11 @@ class LearnConfig:
         ``checkpoint_dir`` when there is one, on the same or another number of ranks.
     loss: ``"lm"`` (next-token cross-entropy) or ``"distill"`` (KL to the same model run with its
         masks switched off, under no_grad).
+    pattern_plan: a plan file (``MaskPlan.save``; e.g. a learned 2:4 plan) whose 2:4 patterns
+        replace the prior's: every group of 4 where the plan keeps exactly 2 takes the plan's
+        pattern (the fixed patterns of tile mode, the starting patterns of joint mode); the
+        other groups (the plan's dense tiles) keep the prior's, and the tile logits still start
+        from the prior.  The plan must cover every learned linear with the same shape.
     hidden_distill: with ``loss="distill"``, weight of a term matching every decoder block's output
         to the dense model's: the mean over blocks and tokens of ‖h − h_dense‖² / ‖h_dense‖²
         (:func:`patchc.learn.losses.hidden_mismatch`); 0 (default): the KL alone.
@@ -142,6 +148,7 @@ class LearnConfig:
     resume: bool = False
     loss: str = "lm"
     hidden_distill: float = 0.0
+    pattern_plan: Optional[str] = None
     log_path: Optional[str] = None
     progress: bool = True
 
@@ -159,6 +166,13 @@ class LearnConfig:
             raise ValueError(f"LearnConfig.hidden_distill={h} needs loss='distill' (the dense model's block "
                              f"outputs are its targets), got loss={self.loss!r}")
         self.hidden_distill = float(h)
+        if self.pattern_plan is not None:
+            if not isinstance(self.pattern_plan, (str, os.PathLike)):
+                raise ValueError(f"LearnConfig.pattern_plan must be the path of a plan file, got "
+                                 f"{type(self.pattern_plan).__name__}")
+            self.pattern_plan = os.fspath(self.pattern_plan)
+            if not os.path.isfile(self.pattern_plan):
+                raise FileNotFoundError(f"LearnConfig.pattern_plan: {self.pattern_plan} is not a file")
         self.target_sparsity = check_target(self.target_sparsity)
         self.tile = _check_tile(self.tile)
         if not 0.0 < float(self.prior_sparsity) < 1.0:

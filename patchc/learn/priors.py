@@ -34,6 +34,31 @@ def compute_priors(model: nn.Module, mods: dict[str, nn.Module], batches, cfg, d
                         sequential=cfg.prior_sequential, device=device, keep=keep, progress=progress)
 
 
+def plan_patterns(path: str, shapes: dict[str, tuple]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{linear: (pattern index uint8 [N, K//4], taken bool [N, K//4])}`` from the plan file at
+    ``path`` (:attr:`LearnConfig.pattern_plan`): ``taken`` marks the groups where the plan keeps
+    exactly 2 of 4 (its 2:4 tiles), whose pattern is then used.  Raises ``ValueError`` naming the
+    file and the layer when the plan lacks a learned linear or has another shape for it."""
+    from ..plan import MaskPlan
+    plan = MaskPlan.load(path)
+    out = {}
+    for name, shape in shapes.items():
+        if name not in plan:
+            raise ValueError(f"LearnConfig.pattern_plan {path}: no mask for the learned linear {name} "
+                             f"(the plan covers {len(plan)} layers, e.g. {sorted(plan)[:2]})")
+        if tuple(plan[name].shape) != tuple(shape):
+            raise ValueError(f"LearnConfig.pattern_plan {path}: {name} is {tuple(plan[name].shape)} in the plan, "
+                             f"{tuple(shape)} in the model")
+        n, k = shape
+        g = plan[name].mask[:, : k // 4 * 4].reshape(n, k // 4, 4)
+        taken = g.sum(-1) == 2
+        idx = torch.zeros(n, k // 4, dtype=torch.uint8)
+        if taken.any():
+            idx[taken] = pattern_index(g[taken].reshape(-1, 4)).reshape(-1).to(torch.uint8)
+        out[name] = (idx, taken)
+    return out
+
+
 def centred_tile_logits(density: dict[str, torch.Tensor], sizes: dict[str, torch.Tensor],
                         allowed: dict[str, torch.Tensor], target: float) -> dict[str, torch.Tensor]:
     """(d − c)/σ per tile, c chosen so that the tiles below it (parameter-weighted, 2:4 prunes

@@ -34,7 +34,7 @@ from .config import LearnConfig
 from .dist import Dist, setup
 from .losses import task_loss
 from .optim import Adam
-from .priors import broadcast_priors, build_states, compute_priors
+from .priors import broadcast_priors, build_states, compute_priors, plan_patterns
 from .state import MaskState, StepContext, attach, detach
 
 log = logging.getLogger("patchc")
@@ -127,6 +127,7 @@ def learn_masks(model: nn.Module, batches, config: Optional[LearnConfig] = None,
             raise ValueError(f"LearnConfig.hidden_distill={cfg.hidden_distill}: {type(model).__name__} has no "
                              "nn.ModuleList of decoder blocks whose outputs the term could match")
         blocks = list(found[1])
+    patterns = plan_patterns(cfg.pattern_plan, shapes) if cfg.pattern_plan else None     # checked before any work
     per_step = cfg.batches_per_step or dist.world
     if per_step % dist.world:
         raise ValueError(f"LearnConfig.batches_per_step={per_step} cannot be split evenly over {dist.world} ranks")
@@ -137,7 +138,7 @@ def learn_masks(model: nn.Module, batches, config: Optional[LearnConfig] = None,
         if missing or extra:
             raise ValueError(f"LearnConfig.density_weights must name exactly the learned linears: missing "
                              f"{missing[:3]}{' ...' if len(missing) > 3 else ''}, unknown {extra[:3]}")
-    states = _initial_states(model, mods, shapes, data, cfg, dist, header, device if fsdp else None)
+    states = _initial_states(model, mods, shapes, data, cfg, dist, header, device if fsdp else None, patterns)
     for st in states.values():
         st.penalty_weight = cfg.density_weights[st.name] if cfg.density_weights else 1.0
     total = float(sum(st.sizes.sum() for st in states.values()))
@@ -204,14 +205,19 @@ def _say_checkpoint_size(path: str, weights: float, cfg: LearnConfig) -> None:
                 "; --state-dtype bfloat16 halves it" if cfg.mode == "joint" and cfg.state_dtype == torch.float32 else "")
 
 
-def _initial_states(model, mods, shapes, data, cfg, dist: Dist, header, device) -> dict[str, MaskState]:
+def _initial_states(model, mods, shapes, data, cfg, dist: Dist, header, device,
+                    patterns: Optional[dict] = None) -> dict[str, MaskState]:
     """Every linear's learning state: from the one-shot prior (computed on every rank, rank 0's
-    kept), or — resuming — placeholders the checkpoint fills (tile mode reads its fixed 2:4
-    patterns now: the per-tile norms are computed from them before any sharding)."""
+    kept; ``patterns``, from :func:`plan_patterns`, replace its 2:4 patterns where taken), or —
+    resuming — placeholders the checkpoint fills (tile mode reads its fixed 2:4 patterns now: the
+    per-tile norms are computed from them before any sharding)."""
     if header is None:
         priors = compute_priors(model, mods, data, cfg, device=device,
                                 progress=cfg.progress and dist.rank == 0 and cfg.prior != "magnitude")
         priors = broadcast_priors(priors, shapes, cfg.tile, dist)
+        for name, (idx, taken) in (patterns or {}).items():
+            pat = priors[name]["pattern24"]
+            pat[taken.to(pat.device)] = idx.to(pat.device)[taken.to(pat.device)]
     else:
         pats = ckpt_io.read_patterns(header, shapes) if cfg.mode == "tile" else {}
         priors = {n: {"pattern24": pats.get(n, torch.zeros(s[0], s[1] // 4, dtype=torch.uint8)),
