@@ -17,6 +17,7 @@ CONFIGS = {
     "joint": dict(mode="joint"),
     "tile-knobs": dict(mode="tile", state_dtype="bfloat16", grad_checkpointing=True, offload_optimizer=True),
     "joint-recompute": dict(mode="joint", recompute_masks=True, grad_checkpointing=True, prior="wanda"),
+    "joint-hidden-distill": dict(mode="joint", loss="distill", hidden_distill=1.0, grad_checkpointing=True),
 }
 
 
