@@ -193,7 +193,8 @@ def make_plan(ctx: Context, method: str, opt: Options, work_dir: str, say: Calla
     os.makedirs(ckpt, exist_ok=True)
     cfg = LearnConfig(mode=mode, target_sparsity=target, tile=opt.tile, prior=opt.prior, steps=opt.steps, lr=opt.lr,
                       lr_24=opt.lr_24 if mode == "joint" else None,
-                      loss=opt.loss, hidden_distill=opt.hidden_distill, pattern_plan=opt.pattern_plan, calib_batches=max(1, min(opt.prior_batches, len(ctx.calib))), seed=opt.seed,
+                      loss=opt.loss, hidden_distill=opt.hidden_distill, pattern_plan=opt.pattern_plan,
+                      calib_batches=max(1, min(opt.prior_batches, len(ctx.calib))), seed=opt.seed,
                       prior_sequential=opt.prior_sequential, checkpoint_dir=ckpt, checkpoint_every=opt.checkpoint_every,
                       resume=True, progress=False,
                       **extra)
@@ -446,7 +447,8 @@ def options_from_args(args) -> Options:
                    calib_samples=pick(args.calib_samples, d.calib_samples, 8),
                    eval_samples=pick(args.eval_samples, d.eval_samples, 4),
                    prior_batches=pick(args.prior_batches, d.prior_batches, 4), prior=args.prior, loss=args.loss,
-                   hidden_distill=args.hidden_distill, pattern_plan=args.pattern_plan, lr=args.lr, lr_24=args.lr_24, tile=args.tile, prior_sequential=args.prior_sequential,
+                   hidden_distill=args.hidden_distill, pattern_plan=args.pattern_plan, lr=args.lr, lr_24=args.lr_24,
+                   tile=args.tile, prior_sequential=args.prior_sequential,
                    inner=args.inner, seed=args.seed,
                    recon_windows=pick(args.recon_windows, d.recon_windows, 4), recon_percdamp=args.recon_percdamp,
                    recon_diagdamp=args.recon_diagdamp)

@@ -217,7 +217,8 @@ def _initial_states(model, mods, shapes, data, cfg, dist: Dist, header, device,
         priors = broadcast_priors(priors, shapes, cfg.tile, dist)
         for name, (idx, taken) in (patterns or {}).items():
             pat = priors[name]["pattern24"]
-            pat[taken.to(pat.device)] = idx.to(pat.device)[taken.to(pat.device)]
+            taken = taken.to(pat.device)
+            pat[taken] = idx.to(pat.device)[taken]
     else:
         pats = ckpt_io.read_patterns(header, shapes) if cfg.mode == "tile" else {}
         priors = {n: {"pattern24": pats.get(n, torch.zeros(s[0], s[1] // 4, dtype=torch.uint8)),
@@ -278,8 +279,8 @@ def _step(model, states: list[MaskState], ctx: StepContext, batches: list[dict],
         mag_ratio = (torch.stack(mag).sum() / w_sq).sqrt()
         loss = task + cfg.lambda1 * (soft_w - cfg.target_sparsity).abs() - cfg.lambda2 * sched["decay"] * mag_ratio
         (loss if len(batches) == 1 else loss / len(batches)).backward()
-        for i, x in enumerate((loss, task, soft_sp, mag_ratio, soft_w, hidden if hidden is not None else task)):
-            sums[i] += float(x.detach()) / len(batches)
+        for i, x in enumerate((loss, task, soft_sp, mag_ratio, soft_w, hidden)):
+            sums[i] += 0.0 if x is None else float(x.detach()) / len(batches)
     loss, task, soft_sp, mag_ratio, soft_w, hidden = dist.mean(sums)
     extra = {"weighted_sparsity": soft_w} if cfg.density_weights else {}
     if cfg.hidden_distill > 0:          # task_loss = KL + hidden_distill × hidden_mismatch
