@@ -217,7 +217,7 @@ def layer_transient(mode: str, state_dtype: str, recompute: bool, n: int = 4096,
     skip = {t.untyped_storage().data_ptr() for t in [*st.parameters(), *st.buffers(), lin.weight, x]}
     with Live(skip) as live:
         out = st.linear(lin, x)
-        pruned, mag = st.ctx.stats[0]
+        pruned, mag = st.ctx.stats[0][:2]      # (pruned, ‖W ⊙ M‖², penalty-weighted pruned)
         (out.float().square().mean() + pruned * 1e-6 + mag * 1e-9).backward()
         del out, pruned, mag
         st.ctx.stats.clear()
