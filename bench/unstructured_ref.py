@@ -33,6 +33,7 @@ def reference_rows(ctx, methods=METHODS, sparsities=SPARSITIES, prior_batches=No
     from patchc.demo import perplexity
     from patchc.learn import oneshot
     from patchc.learn.calib import default_linears
+    from patchc.modules import oriented_weight
 
     calib = ctx.calib[:prior_batches] if prior_batches else ctx.calib
     rows = []
@@ -46,8 +47,8 @@ def reference_rows(ctx, methods=METHODS, sparsities=SPARSITIES, prior_batches=No
             kept = total = 0
             with torch.no_grad():
                 for name, keep in masks.items():
-                    w = mods[name].weight
-                    w.mul_(keep.to(w.dtype) if keep.shape == w.shape else keep.t().to(w.dtype))
+                    w = oriented_weight(mods[name])          # (out, in) like the mask; a view
+                    w.mul_(keep.to(w.device, w.dtype))
                     kept, total = kept + int(w.count_nonzero()), total + w.numel()     # what the model computes with
             prune_s = time.time() - t0
             ppl = {name: perplexity(m, batches) for name, batches in ctx.evals.items()}
