@@ -73,6 +73,7 @@ class Options:
     eval_samples: int = 32
     prior_batches: int = 32          # calibration batches for Wanda / SparseGPT / the learning prior
     prior: str = "wanda"             # prior of the learned rows and score of oneshot-hybrid
+    prior_strength: float = 3.0      # learned rows: the prior's logit gap in Gumbel units (LearnConfig.prior_strength)
     loss: str = "distill"
     hidden_distill: float = 0.0      # learned rows: weight of the block-output term (LearnConfig.hidden_distill)
     pattern_plan: Optional[str] = None   # learned rows: 2:4 patterns from this plan file (LearnConfig.pattern_plan)
@@ -191,7 +192,8 @@ def make_plan(ctx: Context, method: str, opt: Options, work_dir: str, say: Calla
         extra = {"density_weights": density_weights(shapes, opt.tile, device=LATENCY_DEVICE)}
     ckpt = os.path.join(work_dir, "ckpt", slug(method))
     os.makedirs(ckpt, exist_ok=True)
-    cfg = LearnConfig(mode=mode, target_sparsity=target, tile=opt.tile, prior=opt.prior, steps=opt.steps, lr=opt.lr,
+    cfg = LearnConfig(mode=mode, target_sparsity=target, tile=opt.tile, prior=opt.prior,
+                      prior_strength=opt.prior_strength, steps=opt.steps, lr=opt.lr,
                       lr_24=opt.lr_24 if mode == "joint" else None,
                       loss=opt.loss, hidden_distill=opt.hidden_distill, pattern_plan=opt.pattern_plan,
                       calib_batches=max(1, min(opt.prior_batches, len(ctx.calib))), seed=opt.seed,
@@ -407,6 +409,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--prior-batches", type=int, default=None,
                    help=f"calibration batches for Wanda/SparseGPT statistics and priors (default {d.prior_batches})")
     p.add_argument("--prior", default=d.prior, choices=("magnitude", "wanda", "sparsegpt"))
+    p.add_argument("--prior-strength", type=float, default=d.prior_strength, metavar="S",
+                   help="learned rows: logit gap of the prior at step 0 in Gumbel noise units, tile and 2:4 logits "
+                        f"(LearnConfig.prior_strength; default {d.prior_strength})")
     p.add_argument("--prior-sequential", action="store_true",
                    help="learned rows: calibrate the prior one decoder block at a time on the outputs of the blocks "
                         "before it pruned 2:4 (default: one dense pass)")
@@ -446,7 +451,8 @@ def options_from_args(args) -> Options:
     return Options(steps=pick(args.steps, d.steps, 6), seq_len=args.seq_len, batch_size=args.batch_size,
                    calib_samples=pick(args.calib_samples, d.calib_samples, 8),
                    eval_samples=pick(args.eval_samples, d.eval_samples, 4),
-                   prior_batches=pick(args.prior_batches, d.prior_batches, 4), prior=args.prior, loss=args.loss,
+                   prior_batches=pick(args.prior_batches, d.prior_batches, 4), prior=args.prior,
+                   prior_strength=args.prior_strength, loss=args.loss,
                    hidden_distill=args.hidden_distill, pattern_plan=args.pattern_plan, lr=args.lr, lr_24=args.lr_24,
                    tile=args.tile, prior_sequential=args.prior_sequential,
                    inner=args.inner, seed=args.seed,
