@@ -4,7 +4,9 @@ One command on a GPU machine (installs this checkout without touching its torch/
 
     python3 -m pip install -q --no-deps --no-build-isolation -e . && python3 bench/gpu_check.py
 
-For LLaMA-7B linear shapes, bf16, 2:4 tile fractions 0.5 and 0.9 and M in {1, 16, 64}: the cost
+For LLaMA-7B linear shapes, bf16, 128 x 128 tiles, 2:4 tile fractions 0.5 and 0.9 and M in {1, 16, 64}
+(then the finer ``--tiles``, 64 x 64 and 32 x 32, on the first shape at the first fraction, last so that
+the budget cuts them first): the cost
 model (``codegen.layout``, planning for this GPU) ranks every candidate kernel; the best ``--top``
 of them and the one its plan picks are compiled ahead (``asm.compile_many``, in parallel child
 processes: the launches then hit Triton's cache), checked against the float64 masked reference,
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import itertools
 import json
 import math
 import os
@@ -41,7 +44,7 @@ import torch.nn.functional as F
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 MS = [1, 16, 64]
 FRACS = [0.5, 0.9]
-TILE = (128, 128)
+TILES = "128x128,64x64,32x32"                            # the first on every point, the rest on one shape
 L2_BYTES = 60e6                                          # H200 L2; rotate so the set is > 2x this
 TOL = {"bf16": 2e-2, "fp16": 4e-3}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,15 +56,25 @@ def bound(f: float) -> float:
     return 1.0 / (1.0 - 0.4375 * f)
 
 
-def make_mask(n: int, k: int, frac: float, seed: int):
+def make_mask(n: int, k: int, frac: float, seed: int, tile=(128, 128)):
     """A TileMask with round(frac * tiles) random 2:4 tiles, each group one of the 6 patterns."""
     from patchc.types import TileMask, grid_of
     g = torch.Generator().manual_seed(seed)
-    nN, nK = grid_of((n, k), TILE)
+    nN, nK = grid_of((n, k), tile)
     kinds = torch.zeros(nN * nK, dtype=torch.uint8)
     kinds[torch.randperm(nN * nK, generator=g)[: round(frac * nN * nK)]] = 1
     m24 = _PATTERNS[torch.randint(0, 6, (n, k // 4), generator=g)].reshape(n, k)
-    return TileMask.from_kinds(TILE, kinds.view(nN, nK), m24)
+    return TileMask.from_kinds(tile, kinds.view(nN, nK), m24)
+
+
+def parse_tiles(s: str) -> list:
+    """argparse type: ``128x128,64x64`` -> [(128, 128), (64, 64)] (each checked by patchc.cliutil.parse_tile)."""
+    from patchc.cliutil import parse_tile
+    return [parse_tile(t) for t in s.split(",")]
+
+
+def tile_name(tile) -> str:
+    return f"{tile[0]}x{tile[1]}"
 
 
 def env_info() -> dict:
@@ -77,25 +90,26 @@ def time_graph(fn, n_copies: int) -> float:
 
 
 def plan_points(args, dev):
-    """Per (shape, dtype, f): the tile mask, the plan, and per M the kernels to time (the model's
-    ``--top`` candidates and the plan's pick)."""
+    """Per (tile, shape, dtype, f): the tile mask, the plan, and per M the kernels to time (the model's
+    ``--top`` candidates and the plan's pick).  The first tile on every shape and fraction, the
+    others on the first shape at the first fraction."""
     from patchc.codegen.layout import DENSE, _site, plan_dispatch
     out = []
-    for n, k in args.shapes:
-        for dt in args.dtypes:
-            for f in args.fracs:
-                tm = make_mask(n, k, f, seed=n * 7 + k + int(f * 100))
-                plan = plan_dispatch(tm, dt, dev)
-                site, _ = _site(tm, dt, dev)
-                per_m = {}
-                for m in args.ms:
-                    ranked = sorted(site.cands, key=lambda c: site.hybrid(c, m).us)
-                    ranked = [c for c in ranked if math.isfinite(site.hybrid(c, m).us)][: args.top]
-                    pick = plan.select(m)
-                    if pick != DENSE and pick not in ranked:
-                        ranked.append(pick)
-                    per_m[m] = (pick, ranked)
-                out.append(dict(n=n, k=k, dt=dt, f=f, tm=tm, plan=plan, site=site, per_m=per_m))
+    grid = [(args.tiles[0], s, f) for s in args.shapes for f in args.fracs]
+    grid += [(t, args.shapes[0], args.fracs[0]) for t in args.tiles[1:]]
+    for (tile, (n, k), f), dt in itertools.product(grid, args.dtypes):
+        tm = make_mask(n, k, f, seed=n * 7 + k + int(f * 100), tile=tile)
+        plan = plan_dispatch(tm, dt, dev)
+        site, _ = _site(tm, dt, dev)
+        per_m = {}
+        for m in args.ms:
+            ranked = sorted(site.cands, key=lambda c: site.hybrid(c, m).us)
+            ranked = [c for c in ranked if math.isfinite(site.hybrid(c, m).us)][: args.top]
+            pick = plan.select(m)
+            if pick != DENSE and pick not in ranked:
+                ranked.append(pick)
+            per_m[m] = (pick, ranked)
+        out.append(dict(n=n, k=k, dt=dt, f=f, tile=tile, tm=tm, plan=plan, site=site, per_m=per_m))
     return out
 
 
@@ -110,7 +124,7 @@ def precompile(points, arch: str, args) -> dict:
     for p in points:
         for _, ranked in p["per_m"].values():
             for c in ranked:
-                s = c.spec(p["n"], p["k"], p["dt"], TILE)
+                s = c.spec(p["n"], p["k"], p["dt"], p["tile"])
                 kernels.setdefault(s, get_kernel(s, args.cache_dir))
     gks = list(kernels.values())
     chunks = [gks[i::args.jobs] for i in range(args.jobs)]
@@ -145,12 +159,13 @@ def measure(points, kernels, args, t0) -> list[dict]:
                 break
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             ref = x.double() @ wm.double().t()
-            base = dict(n=n, k=k, dtype=dt, frac=f, m=m, bound=round(bound(f), 4), plan_pick=str(
-                pick if pick == "dense" else kernels[pick.spec(n, k, dt, TILE)].name))
+            name = "dense" if pick == "dense" else kernels[pick.spec(n, k, dt, p["tile"])].name
+            base = dict(n=n, k=k, tile=tile_name(p["tile"]), dtype=dt, frac=f, m=m, bound=round(bound(f), 4),
+                        plan_pick=name)
             rows.append(base | dict(kernel="dense", measured_us=time_graph(lambda i: F.linear(x, dense[i]), len(dense)),
                                     predicted_us=float(p["site"].dense_us([m])[0]), rel_err=0.0, ok=True))
             for c in ranked:
-                gk = kernels[c.spec(n, k, dt, TILE)]
+                gk = kernels[c.spec(n, k, dt, p["tile"])]
                 r = base | dict(kernel=gk.name, predicted_us=p["site"].hybrid(c, m).us)
                 try:
                     y = launch(gk, x, packs[0])
@@ -177,7 +192,7 @@ def summarise(rows, suffix: str = "") -> dict:
     groups: dict = {}
     for r in rows:
         if "measured_us" in r and pred_col in r:
-            groups.setdefault((r["n"], r["k"], r["dtype"], r["frac"], r["m"]), []).append(r)
+            groups.setdefault((r["n"], r["k"], r["tile"], r["dtype"], r["frac"], r["m"]), []).append(r)
     rhos, picks = [], []
     for g in groups.values():
         meas = np.array([r["measured_us"] for r in g])
@@ -204,16 +219,18 @@ def calibrate_and_recheck(rows, points, budget: float) -> dict:
     from patchc.codegen import layout
     from patchc.codegen.devices import get_device
     pts = []
-    by_key = {(p["n"], p["k"], p["dt"], p["f"]): p for p in points}
+    by_key = {(p["n"], p["k"], tile_name(p["tile"]), p["dt"], p["f"]): p for p in points}
     for r in rows:
         if "measured_us" not in r:
             continue
-        p = by_key[(r["n"], r["k"], r["dtype"], r["frac"])]
-        base = dict(n=r["n"], k=r["k"], m=r["m"], dtype=r["dtype"], frac=r["frac"], us=r["measured_us"])
+        p = by_key[(r["n"], r["k"], r["tile"], r["dtype"], r["frac"])]
+        base = dict(n=r["n"], k=r["k"], m=r["m"], dtype=r["dtype"], frac=r["frac"], tile=list(p["tile"]),
+                    us=r["measured_us"])
         if r["kernel"] == "dense":
             pts.append(base | dict(kind="dense", tile_kind=None, candidate=None))
         else:
-            cand = next(c for c in p["per_m"][r["m"]][1] if c.spec(r["n"], r["k"], r["dtype"], TILE).name == r["kernel"])
+            cand = next(c for c in p["per_m"][r["m"]][1]
+                        if c.spec(r["n"], r["k"], r["dtype"], p["tile"]).name == r["kernel"])
             pts.append(base | dict(kind="hybrid", tile_kind=p["tm"].tile_kind.tolist(), candidate=cand.to_dict()))
     if not pts:
         return {"calibration": "no measurement to fit"}
@@ -224,15 +241,16 @@ def calibrate_and_recheck(rows, points, budget: float) -> dict:
         p["plan_cal"] = layout.plan_dispatch(p["tm"], p["dt"], dev)
         p["site_cal"], _ = layout._site(p["tm"], p["dt"], dev)
     for r in rows:
-        p = by_key[(r["n"], r["k"], r["dtype"], r["frac"])]
+        p = by_key[(r["n"], r["k"], r["tile"], r["dtype"], r["frac"])]
         site = p["site_cal"]
         if r["kernel"] == "dense":
             r["predicted_us_calibrated"] = float(site.dense_us([r["m"]])[0])
         else:
-            c = next(c for c in p["per_m"][r["m"]][1] if c.spec(r["n"], r["k"], r["dtype"], TILE).name == r["kernel"])
+            c = next(c for c in p["per_m"][r["m"]][1]
+                     if c.spec(r["n"], r["k"], r["dtype"], p["tile"]).name == r["kernel"])
             r["predicted_us_calibrated"] = site.hybrid(c, r["m"]).us
         pick = p["plan_cal"].select(r["m"])
-        r["plan_pick_calibrated"] = "dense" if pick == "dense" else pick.spec(r["n"], r["k"], r["dtype"], TILE).name
+        r["plan_pick_calibrated"] = "dense" if pick == "dense" else pick.spec(r["n"], r["k"], r["dtype"], p["tile"]).name
     return {"calibration": f"{res['device']}: " + ", ".join(f"{k}={v:.3g}" for k, v in res["values"].items())
             + f" (log-error {res['loss_before']:.3f} -> {res['loss_after']:.3f}; stored in {res['saved']})",
             **summarise(rows, "_calibrated")}
@@ -251,9 +269,9 @@ def dry_run(args) -> list[dict]:
         ok = bool(torch.equal(unpack(pack(w, p["tm"], p["plan"].row_order)), w * p["tm"].mask.to(w.dtype)))
         for m, (pick, ranked) in p["per_m"].items():
             for c in ranked:
-                gk = kernels[c.spec(p["n"], p["k"], p["dt"], TILE)]
+                gk = kernels[c.spec(p["n"], p["k"], p["dt"], p["tile"])]
                 res = gk.resources("sm_90")
-                rows.append(dict(n=p["n"], k=p["k"], dtype=p["dt"], frac=p["f"], m=m, kernel=gk.name,
+                rows.append(dict(n=p["n"], k=p["k"], tile=tile_name(p["tile"]), dtype=p["dt"], frac=p["f"], m=m, kernel=gk.name,
                                  plan_pick=c == pick, predicted_us=round(p["site"].hybrid(c, m).us, 3),
                                  pack_roundtrip=ok, **{f: res.get(f) for f in ("registers", "shared_bytes",
                                                                                 "spill_stores", "pipeline_depth")}))
@@ -296,6 +314,9 @@ def parse(argv=None):
     p.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
     p.add_argument("--cache-dir", default=None, help="kernel cache dir (default: patchc's)")
     p.add_argument("--shapes", default=None, help="e.g. 4096x4096,11008x4096")
+    p.add_argument("--tiles", default=parse_tiles(TILES), type=parse_tiles,
+                   help=f"tiles (rows x cols), comma list: the first on every point, the others on the first shape "
+                        f"at the first fraction (default {TILES})")
     p.add_argument("--dtypes", default="bf16", help="comma list of bf16, fp16 (default bf16)")
     p.add_argument("--plan-device", default=None, help="device the cost model plans for (default: the GPU)")
     a = p.parse_args(argv)

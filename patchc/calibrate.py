@@ -117,8 +117,8 @@ def _mask(n, k, frac, seed):
 
 def measure(budget_s: float = 30.0, shapes=SHAPES, fracs=FRACS, ms=MS, dtype="bf16") -> list[dict]:
     """Timed points: ``{"kind": "dense"|"hybrid", n, k, m, dtype, frac, tile_kind, candidate, us}``
-    (``candidate``: the hybrid kernel's ``codegen.candidates.Candidate`` as a dict).  Stops when
-    ``budget_s`` is spent."""
+    (``candidate``: the hybrid kernel's ``codegen.candidates.Candidate`` as a dict; a point may also
+    name its ``tile``, (rows, cols), else it is 128 x 128).  Stops when ``budget_s`` is spent."""
     import torch
     import torch.nn.functional as F
 
@@ -178,12 +178,13 @@ def predict(points, spec) -> np.ndarray:
         if p["kind"] == "dense":
             out.append(predict_dense((n, k), p["dtype"], p["m"], spec).us)
             continue
-        key = (n, k, p["dtype"], p["frac"])
+        tile = tuple(p.get("tile") or TILE)
+        key = (n, k, tile, p["dtype"], p["frac"])
         if key not in weights:
             kind = torch.tensor(p["tile_kind"], dtype=torch.uint8)
-            weights[key] = Weight(kind, (n, k), TILE, p["dtype"], balanced_row_order(kind))
+            weights[key] = Weight(kind, (n, k), tile, p["dtype"], balanced_row_order(kind))
         c = Candidate.from_dict(p["candidate"])
-        counts = get_counts(c.spec(n, k, p["dtype"], TILE), int(spec.arch))
+        counts = get_counts(c.spec(n, k, p["dtype"], tile), int(spec.arch))
         out.append(float(HybridModel(weights[key], c, spec, counts)([p["m"]])[0]))
     return np.array(out)
 

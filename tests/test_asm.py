@@ -160,14 +160,17 @@ def test_parse_target_and_pipeline_depth():
 
 
 def test_gpu_check_dry_run_plans_packs_and_compiles(tmp_path):
-    """bench/gpu_check.py --dry-run: the CPU side of the GPU check (plan, pack, AOT sm_90)."""
+    """bench/gpu_check.py --dry-run: the CPU side of the GPU check (plan, pack, AOT sm_90), 128 x 128
+    tiles and a finer one."""
     import csv
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, os.path.join(repo, "bench", "gpu_check.py"), "--dry-run", "--quick",
-                        "--shapes", "4096x4096", "--top", "1", "--jobs", "1", "--out", str(tmp_path / "out"),
+                        "--shapes", "4096x4096", "--tiles", "128x128,64x64", "--top", "1", "--jobs", "1",
+                        "--out", str(tmp_path / "out"),
                         "--cache-dir", str(tmp_path / "k")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "out" / "gpu_check.csv")))
     assert rows and all(row["spill_stores"] == "0" and row["pack_roundtrip"] == "True" for row in rows)
     assert any(row["plan_pick"] == "True" for row in rows)
+    assert {row["tile"] for row in rows} == {"128x128", "64x64"}      # the finer tile's kernels compile too
     assert (tmp_path / "out" / "gpu_check.md").read_text().startswith("# patchc GPU check (dry run")

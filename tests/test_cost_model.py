@@ -289,6 +289,29 @@ def test_calibration_fit_reduces_the_error_and_is_stored():
     assert res["spearman_after"] >= res["spearman_before"] - 1e-9
 
 
+def test_calibration_predicts_each_point_with_its_tile():
+    """A point naming its tile (bench/gpu_check.py's finer tiles) is predicted with that tile's
+    weight and kernel, not 128 x 128's."""
+    from patchc.calibrate import predict
+    from patchc.codegen.cost import HybridModel, Weight
+    from patchc.codegen.counts import get_counts
+    from patchc.packing import balanced_row_order
+    spec, (n, k) = load_device("h200"), (1024, 1024)
+    kind = (torch.rand(n // 64, k // 64, generator=torch.Generator().manual_seed(0)) < 0.5).to(torch.uint8)
+    pt = dict(kind="hybrid", n=n, k=k, m=1, dtype="bf16", frac=0.5, tile_kind=kind.tolist(), tile=[64, 64],
+              candidate=GEMV[0].to_dict())
+    w = Weight(kind, (n, k), (64, 64), "bf16", balanced_row_order(kind))
+    want = float(HybridModel(w, GEMV[0], spec, get_counts(GEMV[0].spec(n, k, "bf16", (64, 64)), int(spec.arch)))([1])[0])
+    assert predict([pt], spec)[0] == pytest.approx(want)
+    kind128 = kind[::2, ::2].contiguous()              # the same point without a tile: 128 x 128
+    pt128 = dict(pt, tile_kind=kind128.tolist())
+    del pt128["tile"]
+    w128 = Weight(kind128, (n, k), (128, 128), "bf16", balanced_row_order(kind128))
+    want128 = float(HybridModel(w128, GEMV[0], spec,
+                                get_counts(GEMV[0].spec(n, k, "bf16", (128, 128)), int(spec.arch)))([1])[0])
+    assert predict([pt128], spec)[0] == pytest.approx(want128) and want128 != pytest.approx(want)
+
+
 def test_calibrate_command_without_gpu_says_so(capsys):
     from patchc.calibrate import main
     assert main(["--budget", "5"]) == 2
