@@ -222,9 +222,27 @@ def make_plan(ctx: Context, method: str, opt: Options, work_dir: str, say: Calla
                 prior=opt.prior, loss=opt.loss, wall_before_resume=before,
                 calibration="sequential" if opt.prior_sequential else "one dense pass",
                 load=sum(loads) / max(1, len(loads)),
-                budget=f"latency ({LATENCY_DEVICE}, M = 1)" if extra else "count")
+                budget=f"latency ({LATENCY_DEVICE}, M = 1)" if extra else "count",
+                loss_curve=loss_curve(os.path.join(ckpt, "learn_log.jsonl")))
     say(f"    {method}: learned on {info['tokens_seen']} tokens ({opt.steps} steps x {tok_per_step})")
     return plan, model, info
+
+
+CURVE_EVERY = 40
+
+
+def loss_curve(log_path: str, every: int = CURVE_EVERY) -> dict:
+    """Mean training loss (``task_loss``: the distillation KL or the LM loss) per ``every`` steps, from
+    the learner's JSON-lines log; a resumed run logs a step again, so the last record of a step counts."""
+    by_step = {}
+    with open(log_path) as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                by_step[int(rec["step"])] = float(rec["task_loss"])
+    steps = sorted(by_step)
+    means = [sum(by_step[s] for s in steps[i:i + every]) / len(steps[i:i + every]) for i in range(0, len(steps), every)]
+    return {"every": every, "mean_task_loss": [round(m, 4) for m in means]}
 
 
 def _masked_copy(model, plan):

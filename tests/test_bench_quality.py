@@ -77,11 +77,20 @@ def test_quality_end_to_end_and_resume(tmp_path, monkeypatch):
             assert os.path.isfile(os.path.join(out, q.slug(m) + suffix)), (m, suffix)
     row = json.load(open(os.path.join(out, "rows", "learned-2-4.json")))
     assert row["method"] == "learned 2:4" and row["options"]["steps"] == 2 and row["tokens_seen"] == 64
+    curve = row["loss_curve"]        # the learner's log, averaged per 40 steps: one mean of the 2 steps
+    assert curve["every"] == 40 and len(curve["mean_task_loss"]) == 1 and curve["mean_task_loss"][0] > 0
     # a rerun skips every finished row
     lines.clear()
     q.run_benchmark(ctx, ROWS, opt, out, "quality", res, say=lines.append)
     assert sum(line.startswith("[skip]") for line in lines) == len(ROWS)
     assert not any(line.startswith("[run ]") for line in lines)
+
+
+def test_loss_curve_keeps_the_last_record_of_a_resumed_step(tmp_path):
+    log = tmp_path / "learn_log.jsonl"
+    recs = [(0, 4.0), (1, 2.0), (2, 9.0), (2, 1.0), (3, 3.0), (4, 5.0)]   # step 2 logged again after a resume
+    log.write_text("".join(json.dumps({"step": s, "task_loss": v, "loss": 0.0}) + "\n" for s, v in recs) + "\n")
+    assert q.loss_curve(str(log), every=2) == {"every": 2, "mean_task_loss": [3.0, 2.0, 5.0]}
 
 
 def test_rows_and_split():
