@@ -74,6 +74,7 @@ class Options:
     prior_batches: int = 32          # calibration batches for Wanda / SparseGPT / the learning prior
     prior: str = "wanda"             # prior of the learned rows and score of oneshot-hybrid
     prior_strength: float = 3.0      # learned rows: the prior's logit gap in Gumbel units (LearnConfig.prior_strength)
+    prior_strength_24: Optional[float] = None   # joint rows: the 2:4 patterns' gap (None: prior_strength)
     loss: str = "distill"
     hidden_distill: float = 0.0      # learned rows: weight of the block-output term (LearnConfig.hidden_distill)
     pattern_plan: Optional[str] = None   # learned rows: 2:4 patterns from this plan file (LearnConfig.pattern_plan)
@@ -193,7 +194,8 @@ def make_plan(ctx: Context, method: str, opt: Options, work_dir: str, say: Calla
     ckpt = os.path.join(work_dir, "ckpt", slug(method))
     os.makedirs(ckpt, exist_ok=True)
     cfg = LearnConfig(mode=mode, target_sparsity=target, tile=opt.tile, prior=opt.prior,
-                      prior_strength=opt.prior_strength, steps=opt.steps, lr=opt.lr,
+                      prior_strength=opt.prior_strength,
+                      prior_strength_24=opt.prior_strength_24 if mode == "joint" else None, steps=opt.steps, lr=opt.lr,
                       lr_24=opt.lr_24 if mode == "joint" else None,
                       loss=opt.loss, hidden_distill=opt.hidden_distill, pattern_plan=opt.pattern_plan,
                       calib_batches=max(1, min(opt.prior_batches, len(ctx.calib))), seed=opt.seed,
@@ -430,6 +432,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--prior-strength", type=float, default=d.prior_strength, metavar="S",
                    help="learned rows: logit gap of the prior at step 0 in Gumbel noise units, tile and 2:4 logits "
                         f"(LearnConfig.prior_strength; default {d.prior_strength})")
+    p.add_argument("--prior-strength-24", type=float, default=None, metavar="S",
+                   help="joint rows: the 2:4 pattern logits' gap instead (LearnConfig.prior_strength_24; "
+                        "default: --prior-strength)")
     p.add_argument("--prior-sequential", action="store_true",
                    help="learned rows: calibrate the prior one decoder block at a time on the outputs of the blocks "
                         "before it pruned 2:4 (default: one dense pass)")
@@ -470,7 +475,7 @@ def options_from_args(args) -> Options:
                    calib_samples=pick(args.calib_samples, d.calib_samples, 8),
                    eval_samples=pick(args.eval_samples, d.eval_samples, 4),
                    prior_batches=pick(args.prior_batches, d.prior_batches, 4), prior=args.prior,
-                   prior_strength=args.prior_strength, loss=args.loss,
+                   prior_strength=args.prior_strength, prior_strength_24=args.prior_strength_24, loss=args.loss,
                    hidden_distill=args.hidden_distill, pattern_plan=args.pattern_plan, lr=args.lr, lr_24=args.lr_24,
                    tile=args.tile, prior_sequential=args.prior_sequential,
                    inner=args.inner, seed=args.seed,

@@ -81,6 +81,59 @@ def test_pattern_logits_have_their_own_learning_rate():
         cfg(lr_24=0.0)
 
 
+def test_prior_strength_24_sets_the_2_4_gap_alone(tmp_path):
+    """prior_strength_24 scales the step-0 gap of the prior's 2:4 pattern and nothing else: the tile
+    logits follow prior_strength; at a huge 2:4 gap the learned patterns stay the prior's; it is part
+    of a run's identity (a checkpoint written before the option ran with one gap for both)."""
+    from patchc.learn.priors import build_states
+    model = tiny_llama_model()
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n}
+    gen = torch.Generator().manual_seed(0)
+    priors = {n: {"pattern24": torch.randint(0, 6, (m.out_features, m.in_features // 4), generator=gen,
+                                             dtype=torch.uint8),
+                  "density": torch.rand(-(-m.out_features // TILE[0]), -(-m.in_features // TILE[1]), generator=gen,
+                                        dtype=torch.float64)} for n, m in mods.items()}
+    one, two = (build_states(mods, priors, cfg(mode="joint", prior_strength=2.0, prior_strength_24=s24))
+                for s24 in (None, 7.0))
+    c = cfg(mode="joint")
+    for n in mods:
+        for st, gap in ((one[n], 2.0), (two[n], 7.0)):
+            p = st.pattern_logits.detach() * c.kappa_24[0]              # in noise units
+            top = p.max(0)
+            assert torch.equal(top.indices, priors[n]["pattern24"].long())
+            torch.testing.assert_close(top.values - p.min(0).values, torch.full_like(top.values, gap))
+        assert torch.equal(one[n].tile_logits, two[n].tile_logits)
+    assert cfg(prior_strength=2.0).pattern_prior_strength == 2.0 and cfg(prior_strength_24=5).to_dict()[
+        "prior_strength_24"] == 5.0
+    with pytest.raises(ValueError, match="prior_strength_24 must be positive"):
+        cfg(prior_strength_24=0.0)
+    # learning: a 2:4 gap no step can close keeps the prior's patterns while the tiles still move
+    model, data = trained_llama(), calib_batches(16)
+    plan = learn_masks(model, data, cfg(mode="joint", steps=6, lr=2e-2, lr_24=2e-2, prior_strength_24=1e4,
+                                        target_sparsity=0.4))
+    mods = dict(model.named_modules())
+    for name, m in plan.items():
+        prior = mask24_from_scores(mods[name].weight.detach().abs())
+        sparse = expand_tiles(m.tile_kind, m.tile, m.shape).bool()
+        assert torch.equal(m.mask[sparse], prior[sparse]), name
+    assert plan.meta["prior_strength_24"] == 1e4 and plan.meta["prior_strength"] == 3.0
+    c = cfg(mode="joint", steps=3, checkpoint_every=1, checkpoint_dir=str(tmp_path))
+
+    def stop(step, rec):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        learn_masks(model, data, c, callback=stop)
+    with pytest.raises(ValueError, match="prior_strength_24: checkpoint 3.0 vs now 5.0"):
+        learn_masks(model, data, c, resume=True, prior_strength_24=5.0)
+    head = tmp_path / "learn_ckpt.json"
+    old = json.loads(head.read_text())
+    del old["config"]["prior_strength_24"]
+    head.write_text(json.dumps(old))
+    steps = []
+    learn_masks(model, data, c, resume=True, callback=lambda step, rec: steps.append(step))
+    assert steps == [1, 2]
+
+
 def test_pattern_mask_matches_softmax_einsum():
     """The fused 2:4 relaxation equals softmax + einsum under autograd, forward and backward."""
     from patchc.learn.masking import PATTERNS, _PatternMask

@@ -118,9 +118,10 @@ def test_learn_memory_flags(ckpt):
                "--samples", 4, "--mode", "joint", "--sparsity", 0.3, "--steps", 2, "--prior", "wanda",
                "--prior-sequential", "--state-dtype", "bfloat16", "--grad-checkpointing", "--recompute-masks",
                "--offload-optimizer", "--batches-per-step", 2, "--strategy", "ddp", "--checkpoint-dir", cdir,
-               "--no-progress", "--out", out) == 0
+               "--prior-strength", 4, "--prior-strength-24", 6, "--no-progress", "--out", out) == 0
     conf = json.loads((cdir / "learn_ckpt.json").read_text())["config"]
     assert conf["state_dtype"] == "bfloat16" and conf["batches_per_step"] == 2 and conf["prior_sequential"] is True
+    assert conf["prior_strength"] == 4 and conf["prior_strength_24"] == 6
     assert abs(patchc.MaskPlan.load(out).sparsity() - 0.3) <= 0.005
 
 

@@ -37,7 +37,8 @@ HEADER = "learn_ckpt.json"
 PREFIX = "learn_ckpt-"
 LEGACY = "learn_ckpt.safetensors"          # version 1: one file gathered on rank 0
 # options a resumed run must share with the run that wrote the checkpoint
-MUST_MATCH = ("mode", "target_sparsity", "tile", "prior", "prior_sparsity", "prior_strength", "calib_batches",
+MUST_MATCH = ("mode", "target_sparsity", "tile", "prior", "prior_sparsity", "prior_strength", "prior_strength_24",
+              "calib_batches",
               "prior_sequential", "steps", "lr", "lr_24", "tau", "kappa_tile", "kappa_24", "lambda1", "lambda2",
               "include", "exclude", "seed", "loss", "state_dtype", "batches_per_step",
               "density_weights", "hidden_distill", "pattern_plan")
@@ -127,6 +128,7 @@ def read_header(directory: str, want: dict) -> Optional[dict]:
     if header.get("format") != FORMAT or header.get("version") != VERSION:
         raise ValueError(f"{path}: not a patchc learning checkpoint (version {VERSION})")
     have = {**ADDED_DEFAULTS, **header["config"]}
+    have.setdefault("prior_strength_24", have.get("prior_strength"))     # before the option: one gap for both
     diff = [f"{k}: checkpoint {have.get(k)!r} vs now {want['config'][k]!r}"
             for k in MUST_MATCH if json.dumps(have.get(k)) != json.dumps(want["config"][k])]
     if diff:

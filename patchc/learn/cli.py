@@ -96,6 +96,7 @@ def cmd_learn(args) -> int:
     from .trainer import learn_masks
 
     cfg = LearnConfig(mode=args.mode, target_sparsity=args.sparsity, tile=tuple(args.tile), prior=args.prior,
+                      prior_strength=args.prior_strength, prior_strength_24=args.prior_strength_24,
                       steps=args.steps, lr=args.lr, lr_24=args.lr_24, tau=tuple(args.tau), kappa_tile=args.kappa_tile,
                       kappa_24=tuple(args.kappa_24), lambda1=args.lambda1, lambda2=args.lambda2,
                       include=args.include, exclude=args.exclude, seed=args.seed, device=args.device,
@@ -217,6 +218,12 @@ def register(subparsers) -> None:
                    help="tile: 2:4 pattern fixed by the prior; joint: learn the 2:4 pattern too (default: tile)")
     p.add_argument("--sparsity", type=sparsity_type, default=0.35, help="target global sparsity in [0, 0.5] (default: 0.35)")
     p.add_argument("--prior", choices=PRIORS, default="magnitude", help="one-shot method the logits start from")
+    p.add_argument("--prior-strength", type=positive_float, default=3.0, metavar="S",
+                   help="step-0 logit gap of the prior in Gumbel noise units, tile logits and (unless "
+                        "--prior-strength-24) 2:4 pattern logits (default: 3)")
+    p.add_argument("--prior-strength-24", type=positive_float, default=None, metavar="S",
+                   help="step-0 gap of the prior's 2:4 pattern over the other five, joint mode; larger keeps more of "
+                        "the one-shot patterns (default: --prior-strength)")
     p.add_argument("--steps", type=int, default=100, help="optimisation steps (default: 100)")
     p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate of the tile logits (default: 5e-3)")
     p.add_argument("--lr-24", type=float, default=None,

@@ -47,7 +47,12 @@ class LearnConfig:
     prior: one-shot method that initialises the logits (``magnitude``, ``wanda``, ``sparsegpt``).
     prior_sparsity: sparsity of the unstructured one-shot pruning whose per-tile density is the
         tile prior (0.5: the density a 2:4 tile would have).
-    prior_strength: logit gap at step 0, in units of the Gumbel noise scale (both logit kinds).
+    prior_strength: logit gap at step 0, in units of the Gumbel noise scale (the tile logits, and
+        the 2:4 pattern logits unless ``prior_strength_24`` is given).
+    prior_strength_24: step-0 gap of the prior's 2:4 pattern over the other five (joint mode);
+        ``None`` = ``prior_strength``.  A larger gap keeps more of the one-shot patterns: on
+        SmolLM2-135M (joint 25 %, 240 steps) 3.3 % of the weight positions in 2:4 tiles leave
+        Wanda's pattern at 3, 0.3 % at 5, none at 8.
     calib_batches: how many of the batches the prior (wanda / sparsegpt) is computed on.
     steps, lr: optimisation steps and Adam learning rate of the tile logits.
     lr_24: Adam learning rate of the 2:4 pattern logits (joint mode); ``None`` = ``lr / 10``.
@@ -121,6 +126,7 @@ class LearnConfig:
     prior: str = "magnitude"
     prior_sparsity: float = 0.5
     prior_strength: float = 3.0
+    prior_strength_24: Optional[float] = None
     calib_batches: int = 16
     steps: int = 100
     lr: float = 5e-3
@@ -191,7 +197,8 @@ class LearnConfig:
                 raise ValueError(f"LearnConfig.{name} must be a {'non-negative' if name == 'steps' else 'positive'}"
                                  f" integer, got {v!r}")
             setattr(self, name, int(v))
-        for name in ("lr", "prior_strength") + (("lr_24",) if self.lr_24 is not None else ()):
+        for name in (("lr", "prior_strength") + (("lr_24",) if self.lr_24 is not None else ())
+                     + (("prior_strength_24",) if self.prior_strength_24 is not None else ())):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"LearnConfig.{name} must be positive, got {getattr(self, name)!r}")
         for name in ("lambda1", "lambda2"):
@@ -224,6 +231,11 @@ class LearnConfig:
         return float(self.lr_24) if self.lr_24 is not None else float(self.lr) / 10
 
     @property
+    def pattern_prior_strength(self) -> float:
+        """The step-0 gap of the prior's 2:4 patterns in force: ``prior_strength_24``, else ``prior_strength``."""
+        return float(self.prior_strength_24 if self.prior_strength_24 is not None else self.prior_strength)
+
+    @property
     def tile_kappa(self) -> tuple[float, float]:
         """The tile-logit scale schedule in force: ``kappa_tile`` or the paper's default for ``mode``."""
         return self.kappa_tile if self.kappa_tile is not None else DEFAULT_KAPPA_TILE[self.mode]
@@ -242,4 +254,5 @@ class LearnConfig:
         d["tile"], d["tau"] = list(self.tile), list(self.tau)
         d["kappa_tile"], d["kappa_24"] = list(self.tile_kappa), list(self.kappa_24)
         d["lr_24"] = self.pattern_lr
+        d["prior_strength_24"] = self.pattern_prior_strength
         return d

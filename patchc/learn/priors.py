@@ -3,7 +3,7 @@
 Tile logits: each tile's density in an unstructured one-shot pruning of its layer (at
 ``prior_sparsity``), centred so that the step-0 ranking already meets the target and scaled to
 ``prior_strength`` noise units per standard deviation.  2:4 logits (joint mode): one-hot on the
-pattern of the one-shot 2:4 mask, ``prior_strength`` noise units above the other five.
+pattern of the one-shot 2:4 mask, ``pattern_prior_strength`` noise units above the other five.
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def build_states(mods: dict[str, nn.Module], priors: dict[str, dict], cfg) -> di
         idx = priors[name]["pattern24"]
         if cfg.mode == "joint":
             onehot = torch.nn.functional.one_hot(idx.long(), 6).permute(2, 0, 1).float()     # [6, N, K/4]
-            pattern_logits = onehot * (cfg.prior_strength / cfg.kappa_24[0])
+            pattern_logits = onehot * (cfg.pattern_prior_strength / cfg.kappa_24[0])
             del onehot
         states[name] = MaskState(name, mod, cfg.tile, cfg.mode, tile_logits, pattern_logits, idx, cfg.state_dtype,
                                  keep_w24=not cfg.recompute_masks)

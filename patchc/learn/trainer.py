@@ -88,7 +88,9 @@ def hard_plan(states: list[MaskState], cfg: LearnConfig, steps_done: int, shapes
     plan = MaskPlan(masks, {"tile": list(cfg.tile), "method": f"patch-{cfg.mode}", "prior": cfg.prior,
                             "target_sparsity": cfg.target_sparsity, "steps": steps_done, "seed": cfg.seed,
                             "loss": cfg.loss, "lr": cfg.lr, "budget": "weighted" if cfg.density_weights else "count",
-                            **({"lr_24": cfg.pattern_lr} if cfg.mode == "joint" else {}),
+                            "prior_strength": cfg.prior_strength,
+                            **({"lr_24": cfg.pattern_lr, "prior_strength_24": cfg.pattern_prior_strength}
+                               if cfg.mode == "joint" else {}),
                             "fingerprint": {n: list(shapes[n]) for n in masks}})
     plan.meta["per_layer_sparsity"] = {n: round(m.sparsity(), 6) for n, m in masks.items()}
     log.info("patchc: learned plan, global sparsity %.4f (target %.4f)", plan.sparsity(), cfg.target_sparsity)
