@@ -52,7 +52,8 @@ class LearnConfig:
     prior_strength_24: step-0 gap of the prior's 2:4 pattern over the other five (joint mode);
         ``None`` = ``prior_strength``.  A larger gap keeps more of the one-shot patterns: on
         SmolLM2-135M (joint 25 %, 240 steps) 3.3 % of the weight positions in 2:4 tiles leave
-        Wanda's pattern at 3, 0.3 % at 5, none at 8.
+        Wanda's pattern at 3, 0.9 % at 4, 0.3 % at 5, none at 8; at 4 the plan is better on every
+        held-out text, most out of domain (bench/results/quality/NOTES.md, "Prior strength").
     calib_batches: how many of the batches the prior (wanda / sparsegpt) is computed on.
     steps, lr: optimisation steps and Adam learning rate of the tile logits.
     lr_24: Adam learning rate of the 2:4 pattern logits (joint mode); ``None`` = ``lr / 10``.
