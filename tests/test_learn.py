@@ -2,6 +2,7 @@
 import copy
 import json
 import logging
+import pathlib
 import subprocess
 import sys
 
@@ -117,17 +118,23 @@ def test_prior_strength_24_sets_the_2_4_gap_alone(tmp_path):
         sparse = expand_tiles(m.tile_kind, m.tile, m.shape).bool()
         assert torch.equal(m.mask[sparse], prior[sparse]), name
     assert plan.meta["prior_strength_24"] == 1e4 and plan.meta["prior_strength"] == 3.0
-    c = cfg(mode="joint", steps=3, checkpoint_every=1, checkpoint_dir=str(tmp_path))
+    check_option_in_checkpoint(model, data, cfg(mode="joint", steps=3, checkpoint_every=1, checkpoint_dir=str(tmp_path)),
+                               "prior_strength_24", 5.0, "prior_strength_24: checkpoint 3.0 vs now 5.0")
 
+
+def check_option_in_checkpoint(model, data, c, option, other, match):
+    """A run stopped after step 0's checkpoint resumes only with the same ``option`` (``other``
+    is refused with ``match``), and a checkpoint header written before the option existed
+    resumes at its default."""
     def stop(step, rec):
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        learn_masks(model, data, c, callback=stop)
-    with pytest.raises(ValueError, match="prior_strength_24: checkpoint 3.0 vs now 5.0"):
-        learn_masks(model, data, c, resume=True, prior_strength_24=5.0)
-    head = tmp_path / "learn_ckpt.json"
+        learn_masks(model, data, c, callback=stop)         # stopped after step 0's checkpoint
+    with pytest.raises(ValueError, match=match):
+        learn_masks(model, data, c, resume=True, **{option: other})
+    head = pathlib.Path(c.checkpoint_dir) / "learn_ckpt.json"
     old = json.loads(head.read_text())
-    del old["config"]["prior_strength_24"]
+    del old["config"][option]
     head.write_text(json.dumps(old))
     steps = []
     learn_masks(model, data, c, resume=True, callback=lambda step, rec: steps.append(step))
@@ -418,21 +425,8 @@ def test_hidden_distill_adds_the_block_output_mismatch(tmp_path):
     assert abs(plan.sparsity() - 0.35) <= 0.005
     # it is part of a run's identity: a checkpoint resumes only with the same weight, and a
     # checkpoint written before the option existed counts as the default (0)
-    c = cfg(loss="distill", steps=3, checkpoint_every=1, checkpoint_dir=str(tmp_path))
-
-    def stop(step, rec):
-        raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        learn_masks(model, data, c, callback=stop)         # stopped after step 0's checkpoint
-    with pytest.raises(ValueError, match="hidden_distill: checkpoint 0.0 vs now 0.5"):
-        learn_masks(model, data, c, resume=True, hidden_distill=0.5)
-    head = tmp_path / "learn_ckpt.json"
-    old = json.loads(head.read_text())
-    del old["config"]["hidden_distill"]
-    head.write_text(json.dumps(old))
-    steps = []
-    learn_masks(model, data, c, resume=True, callback=lambda step, rec: steps.append(step))
-    assert steps == [1, 2]
+    check_option_in_checkpoint(model, data, cfg(loss="distill", steps=3, checkpoint_every=1, checkpoint_dir=str(tmp_path)),
+                               "hidden_distill", 0.5, "hidden_distill: checkpoint 0.0 vs now 0.5")
 
 
 def test_hidden_distill_bad_inputs():
