@@ -17,7 +17,8 @@ OOD = ("ppl_gpl3", "ppl_britannica")          # out-of-domain texts
 MD = [("method", "method"), ("sparsity", "sparsity"), ("calibration", "calibration"), ("plays", "ppl"),
       ("×", "x:ppl"), ("GPL-3", "ppl_gpl3"), ("×", "x:ppl_gpl3"), ("Britannica", "ppl_britannica"),
       ("×", "x:ppl_britannica"), ("OOD mean ×", "ood"), ("rel_diff", "rel_diff"), ("steps", "steps"),
-      ("lr", "lr"), ("tokens_seen", "tokens_seen"), ("wall_s", "wall_s"), ("eval_s", "eval_s"), ("load", "load"),
+      ("lr", "lr"), ("prior gap", "prior_gap"), ("tokens_seen", "tokens_seen"), ("wall_s", "wall_s"),
+      ("eval_s", "eval_s"), ("load", "load"),
       ("weights", "weights_updated"), ("decode× H200", "pred_decode_speedup"),
       ("decode× L40S", "pred_decode_speedup_l40s"), ("hybrid_sites", "hybrid_sites"), ("code", "code")]
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -59,6 +60,20 @@ def ratios(r: dict, dense: Optional[dict]) -> dict:
     return out
 
 
+def learned_pair(r: dict, tile_key: str, pattern_key: str) -> str:
+    """A learned row's option for the tile logits / the 2:4 pattern logits ("0.005 / 0.0005"); the tile
+    value alone for tile mode (no 2:4 logits); "" for rows that learn nothing.  A pattern option of
+    None falls back to the tile one (``prior_strength_24``; rows older than that option lack it)."""
+    o = r.get("options") or {}
+    if not r.get("steps") or o.get(tile_key) is None:
+        return ""
+    a = o[tile_key]
+    if r.get("method", "").startswith("patch-tile"):
+        return f"{a:g}"
+    b = o.get(pattern_key)
+    return f"{a:g} / {a if b is None else b:g}"
+
+
 def write_md(path: str, rows: list[dict], header: dict, link_dir: str = "quality") -> str:
     dense = next((r for r in rows if r["method"] == "dense" and r.get("status") == "done"), None)
     lines = [f"# {header.get('title', 'Quality benchmark')}", ""]
@@ -78,8 +93,9 @@ def write_md(path: str, rows: list[dict], header: dict, link_dir: str = "quality
             elif key == "weights_updated":
                 cells.append("updated" if r.get(key) else "")
             elif key == "lr":                   # learned rows: the tile logits' Adam lr / the 2:4 logits'
-                o = r.get("options") or {}
-                cells.append(f"{o.get('lr'):g} / {o.get('lr_24'):g}" if r.get("steps") and o.get("lr") else "")
+                cells.append(learned_pair(r, "lr", "lr_24"))
+            elif key == "prior_gap":            # learned rows: the prior's step-0 gap, tile logits / 2:4 logits
+                cells.append(learned_pair(r, "prior_strength", "prior_strength_24"))
             else:
                 cells.append(_fmt(r.get(key), key))
         lines.append("| " + " | ".join(cells) + " |")
@@ -93,7 +109,8 @@ def write_md(path: str, rows: list[dict], header: dict, link_dir: str = "quality
               " pass of the calibration data or sequential (each block on the outputs of the pruned blocks before"
               " it); the one-shot 2:4 rows take the stronger of the two on the in-domain text.  `tokens_seen` ="
               " tokens the mask learning ran on (steps × batch × seq_len); `lr` = the Adam learning rates of the"
-              " tile logits / the 2:4 pattern logits.  `load` = mean 1-minute load average"
+              " tile logits / the 2:4 pattern logits (tile rows have no 2:4 logits); `prior gap` = the prior's"
+              " logit gap at step 0 in Gumbel noise units, the same two.  `load` = mean 1-minute load average"
               " of the 2-core machine during the row.  `weights`: the row computes with updated weights (SparseGPT,"
               " reconstruction).  `decode×` = the cost model's predicted decode (M = 1, bf16) speedup of the"
               " planned linears, on the H200 and on the L40S.  `hybrid_sites` = linears the backend rewrote to"

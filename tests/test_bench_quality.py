@@ -137,6 +137,19 @@ def test_targets_are_checked_on_the_rows():
     assert text.rstrip().endswith("| learned 2:4 | missed |")
 
 
+def test_learned_options_render_per_mode():
+    from bench.quality_report import learned_pair
+    opts = {"lr": 0.005, "lr_24": 0.0005, "prior_strength": 3.0}
+    joint = {"method": "patch-joint 25%", "steps": 240, "options": {**opts, "prior_strength_24": 4.0}}
+    assert learned_pair(joint, "lr", "lr_24") == "0.005 / 0.0005"
+    assert learned_pair(joint, "prior_strength", "prior_strength_24") == "3 / 4"
+    old = {"method": "learned 2:4", "steps": 240, "options": opts}       # a row from before prior_strength_24
+    assert learned_pair(old, "prior_strength", "prior_strength_24") == "3 / 3"
+    tile = {"method": "patch-tile 25%", "steps": 240, "options": {**opts, "prior_strength_24": 4.0}}
+    assert learned_pair(tile, "lr", "lr_24") == "0.005" and learned_pair(tile, "prior_strength", "x") == "3"
+    assert learned_pair({"method": "patch-joint 25% + recon", "steps": 0, "options": opts}, "lr", "lr_24") == ""
+
+
 def test_unstructured_reference_rows():
     from bench.unstructured_ref import reference_rows
     opt = q.Options(seq_len=32, calib_samples=4, eval_samples=2)
