@@ -42,16 +42,26 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _read_valid(d: Path, key: str) -> Optional[str]:
-    """The cached source when the entry in ``d`` is complete and matches ``key``, else None."""
+def _read_entry(d: Path, key: str) -> tuple[Optional[str], str]:
+    """(cached source or None, state) of the entry in ``d``, from one read of each file: "valid"
+    (complete, matches ``key``), "absent" (no file), "incomplete" (one file: being written by another
+    process, or it died doing so) or "invalid" (both files, wrong contents: torn or foreign).
+    spec.json is read first and written last, so a complete spec.json implies its kernel.py."""
+    def read(name):
+        try:
+            return (d / name).read_bytes()
+        except OSError:
+            return None
+    meta, data = read("spec.json"), read("kernel.py")
+    if meta is None or data is None:
+        return None, "absent" if meta is None and data is None else "incomplete"
     try:
-        meta = json.loads((d / "spec.json").read_text())
-        data = (d / "kernel.py").read_bytes()
-    except (OSError, ValueError):
-        return None
-    if meta.get("key") != key or meta.get("sha256") != sha256(data):
-        return None
-    return data.decode()
+        meta = json.loads(meta)
+    except ValueError:
+        return None, "invalid"
+    if not isinstance(meta, dict) or meta.get("key") != key or meta.get("sha256") != sha256(data):
+        return None, "invalid"
+    return data.decode(), "valid"
 
 
 def _write_entry(d: Path, spec: KernelSpec, key: str, source: str) -> None:
@@ -71,19 +81,20 @@ def get_kernel(spec: KernelSpec, cache_dir=None) -> GeneratedKernel:
     memo_key = (key, str(root))
     with _LOCK:
         gk = _MEMO.get(memo_key)
-        if gk is not None and _read_valid(gk.path.parent, key) is not None:
+        if gk is not None and _read_entry(gk.path.parent, key)[1] == "valid":
             stats["memo"] += 1
             return gk
         d = root / spec.name / key
-        source = _read_valid(d, key)
-        hit = source is not None
+        # classified from what was read, not from a second look at the disk, which another
+        # process may have finished writing in between
+        source, state = _read_entry(d, key)
+        hit = state == "valid"
         if hit:
             stats["hits"] += 1
         else:
-            present = [(d / f).exists() for f in ("kernel.py", "spec.json")]
-            if all(present):            # both files, wrong contents: a torn or foreign entry
+            if state == "invalid":      # both files, wrong contents: a torn or foreign entry
                 stats["regenerated"] += 1
-            elif any(present):          # one file: another process is writing it (or died doing so)
+            elif state == "incomplete":
                 stats["incomplete"] += 1
             stats["misses"] += 1
             source = render(spec)

@@ -68,6 +68,23 @@ def test_corrupt_entry_is_regenerated(tmp_path, fresh, damage):
     assert get_kernel(SPEC, tmp_path).cache_hit
 
 
+def test_entry_state_is_classified_from_one_read(tmp_path, fresh):
+    """What a miss counts as comes from the files the reader saw: a kernel.py without its
+    spec.json is being written (incomplete), both with a wrong checksum is torn (regenerated)."""
+    gk = get_kernel(SPEC, tmp_path)
+    d, key = gk.path.parent, gk.key
+    assert cache._read_entry(d, key) == (gk.source, "valid")
+    assert cache._read_entry(d, "other key") == (None, "invalid")
+    (d / "spec.json").unlink()
+    assert cache._read_entry(d, key) == (None, "incomplete")
+    assert cache._read_entry(tmp_path / "nowhere", key) == (None, "absent")
+    before = dict(cache.stats)
+    clear_memo()
+    get_kernel(SPEC, tmp_path)
+    assert cache.stats["incomplete"] == before.get("incomplete", 0) + 1
+    assert cache.stats["regenerated"] == before.get("regenerated", 0)
+
+
 def test_generated_module_is_imported_from_its_file(tmp_path, fresh):
     """GeneratedKernel is plain data (listing needs no Triton); launch imports the file once."""
     from patchc.codegen.launch import kernel_fn
