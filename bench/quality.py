@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import platform
+import re
 import time
 from typing import Callable, Optional, Sequence
 
@@ -90,6 +91,8 @@ class Options:
     recon_windows: int = 128         # calibration windows of the "+ recon" rows (all of calib_samples)
     recon_percdamp: float = 0.01     # their isotropic damping (patchc.learn.recon.RECON_PERCDAMP)
     recon_diagdamp: float = 1.0      # their per-input damping (patchc.learn.recon.RECON_DIAGDAMP)
+    recon_strength: float = 1.0      # the fraction of each layer's update they take (patchc.learn.recon.RECON_STRENGTH)
+    recon_layers: Optional[str] = None   # regex: only the planned linears it matches are reconstructed (default all)
 
 
 @dataclasses.dataclass
@@ -155,8 +158,11 @@ def make_plan(ctx: Context, method: str, opt: Options, work_dir: str, say: Calla
         from patchc.plan import MaskPlan
         plan = MaskPlan.load(src).validate_against(model)
         rcalib = ctx.calib[: opt.recon_windows]
+        layers = None if opt.recon_layers is None else [n for n in plan if re.search(opt.recon_layers, n)]
+        if layers == []:
+            raise ValueError(f"{method}: --recon-layers {opt.recon_layers!r} matches none of the plan's linears")
         weights = reconstruct_weights(model, plan, rcalib, sequential=True, percdamp=opt.recon_percdamp,
-                                      diagdamp=opt.recon_diagdamp)
+                                      diagdamp=opt.recon_diagdamp, strength=opt.recon_strength, layers=layers)
         model.load_state_dict({f"{k}.weight": v for k, v in weights.items()}, strict=False)
         info.update(calib_tokens=sum(int(b.numel()) for b in rcalib), weights_updated=True, prior=base,
                     calibration="sequential")
@@ -457,6 +463,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=f"isotropic damping of the '+ recon' rows' least squares (default {d.recon_percdamp})")
     p.add_argument("--recon-diagdamp", type=float, default=d.recon_diagdamp,
                    help=f"per-input damping (F * diag(X^T X)) of the '+ recon' rows (default {d.recon_diagdamp})")
+    p.add_argument("--recon-strength", type=float, default=d.recon_strength,
+                   help=f"fraction of each layer's least-squares update the '+ recon' rows take (default "
+                        f"{d.recon_strength})")
+    p.add_argument("--recon-layers", default=d.recon_layers, metavar="REGEX",
+                   help="'+ recon' rows: reconstruct only the planned linears whose name matches REGEX, the others "
+                        "masked (default: all)")
     p.add_argument("--inner", default=d.inner, choices=("eager", "inductor"))
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--model", default="smollm2", help="checkpoint dir or GGUF file (default: the bundled SmolLM2-135M)")
@@ -472,6 +484,13 @@ def options_from_args(args) -> Options:
     q = args.quick
     pick = lambda v, full, quick: v if v is not None else (quick if q else full)  # noqa: E731
     d = Options()
+    if args.recon_layers is not None:
+        try:
+            re.compile(args.recon_layers)
+        except re.error as exc:
+            raise SystemExit(f"--recon-layers: {args.recon_layers!r} is not a regular expression ({exc})") from None
+    if not 0 < args.recon_strength <= 1:
+        raise SystemExit(f"--recon-strength: a number in (0, 1] expected, got {args.recon_strength}")
     return Options(steps=pick(args.steps, d.steps, 6), seq_len=args.seq_len, batch_size=args.batch_size,
                    calib_samples=pick(args.calib_samples, d.calib_samples, 8),
                    eval_samples=pick(args.eval_samples, d.eval_samples, 4),
@@ -481,7 +500,8 @@ def options_from_args(args) -> Options:
                    tile=args.tile, prior_sequential=args.prior_sequential,
                    inner=args.inner, seed=args.seed,
                    recon_windows=pick(args.recon_windows, d.recon_windows, 4), recon_percdamp=args.recon_percdamp,
-                   recon_diagdamp=args.recon_diagdamp)
+                   recon_diagdamp=args.recon_diagdamp, recon_strength=args.recon_strength,
+                   recon_layers=args.recon_layers)
 
 
 def run(args) -> int:

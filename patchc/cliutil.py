@@ -69,6 +69,14 @@ def nonneg_float(s: str) -> float:
     return _finite_float(s, zero_ok=True)
 
 
+def unit_fraction(s: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    v = _finite_float(s, zero_ok=False)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {s}")
+    return v
+
+
 def fmt_bytes(n: float) -> str:
     return f"{n / 2**20:.2f} MiB"
 

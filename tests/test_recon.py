@@ -99,3 +99,62 @@ def test_bad_inputs(setup):
         reconstruct_weights(model, plan, None)
     with pytest.raises(TypeError, match="MaskPlan"):
         reconstruct_weights(model, {}, data)
+
+
+def test_a_subset_of_layers_is_reconstructed_with_the_others_masked_in_the_stream(setup):
+    from patchc.plan import MaskPlan
+    model, data, plan = setup
+    mlp = [n for n in plan if ".mlp." in n]
+    assert mlp and len(mlp) < len(plan)
+    before = copy.deepcopy(model.state_dict())
+    w = reconstruct_weights(model, plan, data, sequential=True, layers=mlp)
+    assert list(w) == mlp
+    # reference: the other planned linears set to W ⊙ M in a copy, only the MLP's in the plan
+    masked = copy.deepcopy(model)
+    mods = dict(masked.named_modules())
+    with torch.no_grad():
+        for n in plan:
+            if n not in mlp:
+                mods[n].weight.mul_(plan[n].unpacked().to(mods[n].weight.dtype))
+    sub = MaskPlan({n: plan[n] for n in mlp})
+    ref = reconstruct_weights(masked, sub, data, sequential=True)
+    assert all(torch.allclose(w[n], ref[n], atol=1e-5) for n in mlp)
+    # the stream matters: with the attention left dense (the MLP alone in the plan) the updates differ
+    dense_stream = reconstruct_weights(model, sub, data, sequential=True)
+    assert any(not torch.allclose(w[n], dense_stream[n], atol=1e-4) for n in mlp[1:])
+    # one pass: the same, on the activations of the model with the other linears masked
+    one = reconstruct_weights(model, plan, data, sequential=False, layers=mlp)
+    assert all(torch.allclose(one[n], reconstruct_weights(masked, sub, data, sequential=False)[n], atol=1e-5)
+               for n in mlp)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any("forward" in m.__dict__ for m in model.modules())     # the masking hooks are gone
+
+
+def test_bad_layers(setup):
+    model, data, plan = setup
+    with pytest.raises(ValueError, match=r"layers not in the plan: \['model.nope'\]"):
+        reconstruct_weights(model, plan, data, layers=["model.nope"])
+    with pytest.raises(ValueError, match="layers is empty"):
+        reconstruct_weights(model, plan, data, layers=[])
+    with pytest.raises(TypeError, match="iterable of linear names"):
+        reconstruct_weights(model, plan, data, layers=next(iter(plan)))
+
+
+def test_strength_takes_a_fraction_of_each_update(setup):
+    model, data, plan = setup
+    mods = dict(model.named_modules())
+    full = reconstruct_weights(model, plan, data, sequential=False)
+    half = reconstruct_weights(model, plan, data, sequential=False, strength=0.5)
+    for n in plan:
+        masked = mods[n].weight.detach() * plan[n].unpacked()
+        assert torch.allclose(half[n], masked + 0.5 * (full[n] - masked), atol=1e-6), n
+    # sequential: the blocks after a layer are calibrated on its weakened update, not the full one
+    seq_full = reconstruct_weights(model, plan, data, sequential=True)
+    seq_half = reconstruct_weights(model, plan, data, sequential=True, strength=0.5)
+    last = [n for n in plan if ".layers.1." in n]
+    assert last and any(not torch.allclose(
+        seq_half[n], mods[n].weight.detach() * plan[n].unpacked() * 0.5 + 0.5 * seq_full[n], atol=1e-4)
+        for n in last)
+    for bad in (0, -0.5, 1.5, float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match=r"strength must be a number in \(0, 1\]"):
+            reconstruct_weights(model, plan, data, strength=bad)

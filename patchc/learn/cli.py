@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import logging
 
-from ..cliutil import nonneg_float, parse_tile, positive_float
+from ..cliutil import nonneg_float, parse_tile, positive_float, unit_fraction
 from ..cliutil import sparsity as sparsity_type
 
 log = logging.getLogger("patchc")
@@ -78,9 +78,10 @@ def _save_weights(plan, weights: dict, out: str, method: str) -> None:
     print(f"wrote {path}: updated weights of {len(weights)} linears (compile with weights=, demo --weights)")
 
 
-def _reconstruct(model, plan, batches, args, percdamp: float, diagdamp: float) -> dict:
+def _reconstruct(model, plan, batches, args, percdamp: float, diagdamp: float, strength: float) -> dict:
     from .recon import reconstruct_weights
     return reconstruct_weights(model, plan, batches, sequential=True, percdamp=percdamp, diagdamp=diagdamp,
+                               strength=strength,
                                device=getattr(args, "device", None), progress=log.isEnabledFor(logging.WARNING))
 
 
@@ -124,7 +125,7 @@ def cmd_learn(args) -> int:
         _report(plan, args.out)
         if args.reconstruct:
             weights = _reconstruct(model, plan, batches[: cfg.calib_batches], args, args.recon_damp,
-                                   args.recon_diag_damp)
+                                   args.recon_diag_damp, args.recon_strength)
             _save_weights(plan, weights, args.out, f"learned-{args.mode} + reconstruction")
     return 0
 
@@ -155,7 +156,8 @@ def cmd_prune(args) -> int:
                               include=args.include, exclude=args.exclude, sequential=args.sequential)
     from .sparsegpt import SPARSEGPT_PERCDAMP
     if update and not weights:           # SparseGPT's update for the hybrid plan, or --reconstruct
-        damping = (args.recon_damp, args.recon_diag_damp) if args.reconstruct else (SPARSEGPT_PERCDAMP, 0.0)
+        damping = ((args.recon_damp, args.recon_diag_damp, args.recon_strength) if args.reconstruct
+                   else (SPARSEGPT_PERCDAMP, 0.0, 1.0))
         weights = _reconstruct(model, plan, batches, args, *damping)
     plan.save(args.out)
     _report(plan, args.out)
@@ -192,7 +194,7 @@ def cmd_import_masks(args) -> int:
 
 
 def _recon_damping_flags(p) -> None:
-    from .recon import RECON_DIAGDAMP, RECON_PERCDAMP
+    from .recon import RECON_DIAGDAMP, RECON_PERCDAMP, RECON_STRENGTH
     p.add_argument("--recon-diag-damp", type=nonneg_float, default=RECON_DIAGDAMP, metavar="F",
                    help=f"--reconstruct: damping of each input in proportion to its own energy, X^T X + "
                         f"F*diag(X^T X) (default {RECON_DIAGDAMP}; 0 = off; larger keeps the kept weights closer "
@@ -200,6 +202,10 @@ def _recon_damping_flags(p) -> None:
     p.add_argument("--recon-damp", type=positive_float, default=RECON_PERCDAMP, metavar="F",
                    help=f"--reconstruct: isotropic damping, a fraction of the mean diagonal of X^T X added to every "
                         f"input (default {RECON_PERCDAMP}, SparseGPT's)")
+    p.add_argument("--recon-strength", type=unit_fraction, default=RECON_STRENGTH, metavar="F",
+                   help=f"--reconstruct: the fraction of each layer's least-squares update taken, W*M + F*(W' - W*M), "
+                        f"in (0, 1] (default {RECON_STRENGTH}; 1 = the full update, which fits the calibration text "
+                        "more closely)")
 
 
 def register(subparsers) -> None:

@@ -159,6 +159,10 @@ def _restore_forward(module: nn.Module, saved) -> None:
         module.forward = saved
 
 
+def _times(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return w * mask.to(w.device, w.dtype)      # a no-op move unless the module went to another device
+
+
 @contextlib.contextmanager
 def masked_forward(model: nn.Module, plan):
     """Run ``model`` with the plan's hard masks applied on the fly (weights untouched):
@@ -169,9 +173,7 @@ def masked_forward(model: nn.Module, plan):
     try:
         for name, m in plan.items():
             mod = mods[name]
-            mask = m.mask.to(oriented_weight(mod).device)
-            saved.append((mod, _patch_forward(mod, lambda mod=mod, mask=mask:
-                                              oriented_weight(mod) * mask.to(oriented_weight(mod).dtype))))
+            saved.append((mod, _patch_forward(mod, lambda mod=mod, mask=m.mask: _times(oriented_weight(mod), mask))))
         yield model
     finally:
         for mod, s in saved:

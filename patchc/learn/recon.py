@@ -10,7 +10,7 @@ modified: the updated weights are returned (and written by :func:`patchc.weights
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from torch import nn
 from ..modules import oriented_weight
 from ..plan import MaskPlan
 from .calib import materialize
+from .masking import masked_forward
 from .pruners import _storage_layout
 from .sparsegpt import SPARSEGPT_PERCDAMP, sparsegpt_prune
 from .stream import calibrate
@@ -35,14 +36,18 @@ log = logging.getLogger("patchc")
 #: windows: 65.5 / 53.5 / 73.3.  ``bench/results/quality/NOTES.md`` has the commands.
 RECON_DIAGDAMP = 1.0
 RECON_PERCDAMP = SPARSEGPT_PERCDAMP
+#: Default fraction of each layer's update the reconstruction takes (``strength``).
+RECON_STRENGTH = 1.0
 
 
 @torch.no_grad()
 def reconstruct_weights(model: nn.Module, plan: MaskPlan, batches, sequential: bool = True, blocksize: int = 128,
                         percdamp: float = RECON_PERCDAMP, diagdamp: float = RECON_DIAGDAMP, device=None,
-                        progress: bool = False) -> dict[str, torch.Tensor]:
-    """``{fqn: updated weight}`` for every linear of ``plan``: the least-squares update of its kept
-    weights on the calibration activations of ``batches``, its pruned positions exactly 0.
+                        progress: bool = False, layers: Optional[Iterable[str]] = None,
+                        strength: float = RECON_STRENGTH) -> dict[str, torch.Tensor]:
+    """``{fqn: updated weight}`` for every linear of ``plan`` (or of ``layers``): the least-squares
+    update of its kept weights on the calibration activations of ``batches``, its pruned positions
+    exactly 0.
 
     Values have the module's own weight layout and dtype, on the CPU (as ``oneshot(...,
     return_weights=True)``); ``model.load_state_dict({f"{k}.weight": v for k, v in w.items()},
@@ -53,7 +58,11 @@ def reconstruct_weights(model: nn.Module, plan: MaskPlan, batches, sequential: b
     diag(XᵀX) (``diagdamp`` >= 0, default :data:`RECON_DIAGDAMP`, 1.0: each input damped in
     proportion to its own energy), then + ``percdamp`` (> 0, default :data:`RECON_PERCDAMP`,
     SparseGPT's 0.01) times the mean diagonal; larger values keep the kept weights closer to
-    W ⊙ M.  ``device``: where each block is calibrated.  The model is not modified.
+    W ⊙ M.  ``device``: where each block is calibrated.  ``layers``: the planned linears to
+    reconstruct (default all of ``plan``); the plan's other linears keep W ⊙ M (they are masked, not
+    updated, in the sequential stream too) and are not in the result.  ``strength`` (in (0, 1], default
+    1): each layer takes that fraction of its update, W ⊙ M + strength · (W′ − W ⊙ M), before the
+    blocks after it are calibrated on it.  The model is not modified.
     """
     if not isinstance(plan, MaskPlan):
         raise TypeError(f"reconstruct_weights: plan must be a MaskPlan, got {type(plan).__name__}")
@@ -62,10 +71,14 @@ def reconstruct_weights(model: nn.Module, plan: MaskPlan, batches, sequential: b
         raise ValueError(f"reconstruct_weights: percdamp must be a finite number > 0, got {percdamp!r}")
     if isinstance(diagdamp, bool) or not isinstance(diagdamp, (int, float)) or not 0 <= diagdamp < float("inf"):
         raise ValueError(f"reconstruct_weights: diagdamp must be a finite number >= 0, got {diagdamp!r}")
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ValueError(f"reconstruct_weights: strength must be a number in (0, 1], got {strength!r}")
     if batches is None:
         raise ValueError("reconstruct_weights needs calibration batches (got batches=None)")
+    chosen = set(plan) if layers is None else _chosen_layers(plan, layers)
     all_mods = dict(model.named_modules())
-    mods = {name: all_mods[name] for name in plan}
+    mods = {name: all_mods[name] for name in plan if name in chosen}
+    rest = MaskPlan({name: plan[name] for name in plan if name not in chosen})
     out: dict[str, torch.Tensor] = {}
 
     def on_layers(stats: dict) -> dict:
@@ -77,15 +90,32 @@ def reconstruct_weights(model: nn.Module, plan: MaskPlan, batches, sequential: b
             _, w2 = sparsegpt_prune(w.to(hess.device), hess, mask=keep, blocksize=blocksize, percdamp=percdamp,
                                     diagdamp=diagdamp)
             del hess
+            if strength != 1:
+                masked = w.to(w2.device, w2.dtype) * keep.to(w2.dtype)
+                w2 = masked + strength * (w2 - masked)
             out[name] = _storage_layout(w2, mods[name])
             new[name] = w2.to(w.dtype)
         return new
 
-    calibrate(model, mods, materialize(batches), on_layers, hessian=True, sequential=sequential, device=device,
-              progress=progress)
+    with masked_forward(model, rest):       # the linears not reconstructed compute with W ⊙ M throughout
+        calibrate(model, mods, materialize(batches), on_layers, hessian=True, sequential=sequential, device=device,
+                  progress=progress)
     log.info("patchc: reconstructed the kept weights of %d linears (%s calibration)", len(out),
              "sequential" if sequential else "one dense pass")
-    return {n: out[n] for n in plan}
+    return {n: out[n] for n in plan if n in out}
+
+
+def _chosen_layers(plan: MaskPlan, layers) -> set:
+    if isinstance(layers, str):
+        raise TypeError("reconstruct_weights: layers must be an iterable of linear names, not a string")
+    chosen = set(layers)
+    unknown = sorted(chosen - set(plan))
+    if unknown:
+        raise ValueError(f"reconstruct_weights: layers not in the plan: {unknown[:5]}"
+                         + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+    if not chosen:
+        raise ValueError("reconstruct_weights: layers is empty (nothing to reconstruct)")
+    return chosen
 
 
 def reconstruction_error(model: nn.Module, plan: MaskPlan, weights: dict, batches,
