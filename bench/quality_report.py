@@ -74,6 +74,19 @@ def learned_pair(r: dict, tile_key: str, pattern_key: str) -> str:
     return f"{a:g} / {a if b is None else b:g}"
 
 
+def weights_cell(r: dict) -> str:
+    """The ``weights`` cell: "updated" for rows that compute with updated weights; a ``+ recon`` row
+    adds the fraction of each layer's update it took (``recon_strength``; rows older than that option
+    took all of it) and the linears it reconstructed where not all (``recon_layers``)."""
+    if not r.get("weights_updated"):
+        return ""
+    if not r.get("method", "").endswith(" + recon"):
+        return "updated"
+    o = r.get("options") or {}
+    layers = o.get("recon_layers")
+    return f"updated ×{o.get('recon_strength', 1.0):g}" + (f" (`{layers}`)" if layers else "")
+
+
 def write_md(path: str, rows: list[dict], header: dict, link_dir: str = "quality") -> str:
     dense = next((r for r in rows if r["method"] == "dense" and r.get("status") == "done"), None)
     lines = [f"# {header.get('title', 'Quality benchmark')}", ""]
@@ -91,7 +104,7 @@ def write_md(path: str, rows: list[dict], header: dict, link_dir: str = "quality
                 v = x.get(key[2:] if key.startswith("x:") else key)
                 cells.append("" if v is None else f"{v:.2f}")
             elif key == "weights_updated":
-                cells.append("updated" if r.get(key) else "")
+                cells.append(weights_cell(r))
             elif key == "lr":                   # learned rows: the tile logits' Adam lr / the 2:4 logits'
                 cells.append(learned_pair(r, "lr", "lr_24"))
             elif key == "prior_gap":            # learned rows: the prior's step-0 gap, tile logits / 2:4 logits
@@ -113,7 +126,8 @@ def write_md(path: str, rows: list[dict], header: dict, link_dir: str = "quality
               " logit gap at step 0 in Gumbel noise units, the same two (blank: a row from before the bench"
               " set it, LearnConfig's default 3 for both).  `load` = mean 1-minute load average"
               " of the 2-core machine during the row.  `weights`: the row computes with updated weights (SparseGPT,"
-              " reconstruction).  `decode×` = the cost model's predicted decode (M = 1, bf16) speedup of the"
+              " reconstruction); for `+ recon` rows `×F` is the fraction of each layer's least-squares update taken"
+              " (`--recon-strength`; ×1 the full update).  `decode×` = the cost model's predicted decode (M = 1, bf16) speedup of the"
               " planned linears, on the H200 and on the L40S.  `hybrid_sites` = linears the backend rewrote to"
               " the patchc op.  `code` = the patchc version and commit the row ran on."]
     lines += [""] + target_lines(rows)

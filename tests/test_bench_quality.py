@@ -35,7 +35,7 @@ def test_quality_end_to_end_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(patchc.latency, "density_weights",
                         lambda shapes, tile, device=None: {n: (2.0 if "mlp" in n else 0.5) for n in shapes})
     opt = q.Options(steps=2, seq_len=32, calib_samples=4, eval_samples=2, prior_batches=2, tile=(16, 16),
-                    checkpoint_every=1)
+                    checkpoint_every=1, recon_strength=0.5, recon_layers=r"\.mlp\.")
     ctx = _ctx(opt)
     before = [p.detach().clone() for p in ctx.model.parameters()]
     out, res = str(tmp_path / "quality"), str(tmp_path)
@@ -56,6 +56,8 @@ def test_quality_end_to_end_and_resume(tmp_path, monkeypatch):
         "sequential", "one dense pass") and by["sparsegpt 2:4"]["ppl_other_calibration"] > 1
     recon, base = by["patch-joint 35% + recon"], by["patch-joint 35%"]
     assert recon["weights_updated"] is True and recon["sparsity"] == base["sparsity"]
+    assert recon["options"]["recon_strength"] == 0.5 and recon["options"]["recon_layers"] == r"\.mlp\."
+    assert "| updated ×0.5 (`\\.mlp\\.`) |" in open(os.path.join(res, "quality.md")).read()
     assert by["patch-joint 35% latency-aware"]["budget"].startswith("latency")
     for r in by.values():
         if r["status"] == "done":
@@ -107,6 +109,12 @@ def test_rows_and_split():
     assert opt.tile == (64, 64) and opt.prior_sequential is True
     with pytest.raises(SystemExit):
         p.parse_args(["--tile", "64x62"])           # not a multiple of 4: argparse refuses it
+    opt = q.options_from_args(p.parse_args(["--recon-strength", "0.3", "--recon-layers", "mlp"]))
+    assert opt.recon_strength == 0.3 and opt.recon_layers == "mlp"
+    with pytest.raises(SystemExit, match="--recon-layers: '\\(' is not a regular expression"):
+        q.options_from_args(p.parse_args(["--recon-layers", "("]))
+    with pytest.raises(SystemExit, match="--recon-strength: a number in"):
+        q.options_from_args(p.parse_args(["--recon-strength", "1.5"]))
 
 
 def test_targets_are_checked_on_the_rows():
@@ -148,6 +156,17 @@ def test_learned_options_render_per_mode():
     tile = {"method": "patch-tile 25%", "steps": 240, "options": {**opts, "prior_strength_24": 4.0}}
     assert learned_pair(tile, "lr", "lr_24") == "0.005" and learned_pair(tile, "prior_strength", "x") == "3"
     assert learned_pair({"method": "patch-joint 25% + recon", "steps": 0, "options": opts}, "lr", "lr_24") == ""
+
+
+def test_weights_cell_says_how_much_of_the_update_a_recon_row_took():
+    from bench.quality_report import weights_cell
+    assert weights_cell({"method": "patch-joint 25%", "weights_updated": False}) == ""
+    assert weights_cell({"method": "sparsegpt 2:4", "weights_updated": True}) == "updated"
+    old = {"method": "patch-joint 25% + recon", "weights_updated": True, "options": {"recon_diagdamp": 1.0}}
+    assert weights_cell(old) == "updated ×1"              # from before --recon-strength: the full update
+    new = {**old, "options": {"recon_strength": 0.3, "recon_layers": None}}
+    assert weights_cell(new) == "updated ×0.3"
+    assert weights_cell({**old, "options": {"recon_strength": 0.5, "recon_layers": "mlp"}}) == "updated ×0.5 (`mlp`)"
 
 
 def test_unstructured_reference_rows():
