@@ -91,7 +91,7 @@ class Options:
     recon_windows: int = 128         # calibration windows of the "+ recon" rows (all of calib_samples)
     recon_percdamp: float = 0.01     # their isotropic damping (patchc.learn.recon.RECON_PERCDAMP)
     recon_diagdamp: float = 1.0      # their per-input damping (patchc.learn.recon.RECON_DIAGDAMP)
-    recon_strength: float = 1.0      # the fraction of each layer's update they take (patchc.learn.recon.RECON_STRENGTH)
+    recon_strength: float = 0.3      # the fraction of each layer's update they take (patchc.learn.recon.RECON_STRENGTH)
     recon_layers: Optional[str] = None   # regex: only the planned linears it matches are reconstructed (default all)
 
 

@@ -2,7 +2,7 @@
 ``bench/results/quality/NOTES.md``), on SmolLM2-135M with a fixed plan, evaluated like
 ``bench/recon_damp.py`` (perplexity on the three held-out texts):
 
-- ``lib``: :func:`patchc.learn.reconstruct_weights` (sequential; the block's linears at once);
+- ``lib``: :func:`patchc.learn.reconstruct_weights` (sequential; the block's linears at once; the full update);
 - ``local``: "true sequential": within a block, q/k/v, then o, then gate/up, then down, each group
   calibrated with the groups before it already reconstructed (target W·X, X the sparse stream's input);
 - ``ec``: as ``local`` but each linear fitted to the dense model's output W·X_dense (ridge toward W,
@@ -63,7 +63,7 @@ def capture(blk, names, inputs):
 
 with torch.no_grad():
     if a.variant == "lib":
-        weights = reconstruct_weights(model, plan, calib, sequential=True, percdamp=a.percdamp)
+        weights = reconstruct_weights(model, plan, calib, sequential=True, percdamp=a.percdamp, strength=1.0)
     else:
         blocks = model.model.layers
         ins = block_inputs(model, blocks[0], [{"input_ids": c} for c in calib])

@@ -81,8 +81,8 @@ def test_prune_and_learn_reconstruct(ckpt):
     for f, flag in (("wd", "--recon-damp"), ("wg", "--recon-diag-damp")):
         assert run("prune", *common, "--method", "wanda", "--sparsity", 0.3, "--reconstruct", flag, 1e6,
                    "--out", ckpt / f"{f}.safetensors") == 0
-    # --recon-strength: the first block's linears take exactly that fraction of their update
-    assert run("prune", *common, "--method", "wanda", "--sparsity", 0.3, "--reconstruct", "--recon-strength", 0.5,
+    # --recon-strength: the first block's linears take exactly that fraction of the full update (the default 0.3)
+    assert run("prune", *common, "--method", "wanda", "--sparsity", 0.3, "--reconstruct", "--recon-strength", 1,
                "--out", ckpt / "ws.safetensors") == 0
     import torch
     from transformers import AutoModelForCausalLM
@@ -93,10 +93,10 @@ def test_prune_and_learn_reconstruct(ckpt):
         w = read_weights(ckpt / f"{f}.weights.safetensors")[0]
         moved[f] = max(float((w[n] - base[n].weight * plan[n].unpacked()).abs().max()) for n in plan)
     assert max(moved["wd"], moved["wg"]) < 1e-4 < moved["wr"], moved
-    full, half = (read_weights(ckpt / f"{f}.weights.safetensors")[0] for f in ("wr", "ws"))
+    part, full = (read_weights(ckpt / f"{f}.weights.safetensors")[0] for f in ("wr", "ws"))
     first = [n for n in plan if ".layers.0." in n]
-    assert first and all(torch.allclose(half[n] - base[n].weight * plan[n].unpacked(),
-                                        0.5 * (full[n] - base[n].weight * plan[n].unpacked()), atol=1e-5)
+    assert first and all(torch.allclose(part[n] - base[n].weight * plan[n].unpacked(),
+                                        0.3 * (full[n] - base[n].weight * plan[n].unpacked()), atol=1e-5)
                          for n in first)
     for flag, bad in (("--recon-damp", 0), ("--recon-diag-damp", -1), ("--recon-diag-damp", "inf"),
                       ("--recon-strength", 0), ("--recon-strength", 1.5)):

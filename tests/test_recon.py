@@ -143,13 +143,15 @@ def test_bad_layers(setup):
 def test_strength_takes_a_fraction_of_each_update(setup):
     model, data, plan = setup
     mods = dict(model.named_modules())
-    full = reconstruct_weights(model, plan, data, sequential=False)
+    full = reconstruct_weights(model, plan, data, sequential=False, strength=1.0)
     half = reconstruct_weights(model, plan, data, sequential=False, strength=0.5)
+    default = reconstruct_weights(model, plan, data, sequential=False)          # RECON_STRENGTH, 0.3
     for n in plan:
         masked = mods[n].weight.detach() * plan[n].unpacked()
         assert torch.allclose(half[n], masked + 0.5 * (full[n] - masked), atol=1e-6), n
+        assert torch.allclose(default[n], masked + 0.3 * (full[n] - masked), atol=1e-6), n
     # sequential: the blocks after a layer are calibrated on its weakened update, not the full one
-    seq_full = reconstruct_weights(model, plan, data, sequential=True)
+    seq_full = reconstruct_weights(model, plan, data, sequential=True, strength=1.0)
     seq_half = reconstruct_weights(model, plan, data, sequential=True, strength=0.5)
     last = [n for n in plan if ".layers.1." in n]
     assert last and any(not torch.allclose(

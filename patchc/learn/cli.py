@@ -204,8 +204,8 @@ def _recon_damping_flags(p) -> None:
                         f"input (default {RECON_PERCDAMP}, SparseGPT's)")
     p.add_argument("--recon-strength", type=unit_fraction, default=RECON_STRENGTH, metavar="F",
                    help=f"--reconstruct: the fraction of each layer's least-squares update taken, W*M + F*(W' - W*M), "
-                        f"in (0, 1] (default {RECON_STRENGTH}; 1 = the full update, which fits the calibration text "
-                        "more closely)")
+                        f"in (0, 1] (default {RECON_STRENGTH}; 1 = the full least-squares update, which fits the "
+                        "calibration genres and loses on text unlike them)")
 
 
 def register(subparsers) -> None:
