@@ -26,6 +26,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import importlib
 import json
 import logging
 import os
@@ -303,9 +304,10 @@ def predicted_speedups(plan) -> dict:
 
 
 def run_row(ctx: Context, method: str, opt: Options, out_dir: str, say: Callable = print,
-            cache_dir: Optional[str] = None) -> dict:
+            cache_dir: Optional[str] = None, code: Optional[str] = None) -> dict:
+    """One row's record.  ``code``: the stamp of the code that runs it (default: the tree now)."""
     from .common import tree_state
-    code = tree_state()
+    code = code or tree_state()
     t0, load0 = time.perf_counter(), _load()
     plan, model, info = make_plan(ctx, method, opt, out_dir, say)
     wall = time.perf_counter() - t0 + info.pop("wall_before_resume", 0.0)
@@ -357,13 +359,19 @@ def run_benchmark(ctx: Context, rows: Sequence[str], opt: Options, out_dir: str,
         # learned plans are kept (compact files); one-shot ones are remade in minutes
         f.write("ckpt/\nweights/\n*.log\n" + "".join(f"plans/{p}*\n" for p in ONESHOT_PREFIXES))
     base_sum = _checksum(ctx.model)
+    # the code the rows run on is what this process imported: stamp it before the first row, with the
+    # library's row code loaded, so that a commit made while a long job runs is not credited to it
+    for mod in ("patchc.backend", "patchc.learn.trainer", "patchc.learn.pruners", "patchc.learn.recon"):
+        importlib.import_module(mod)
+    from .common import tree_state
+    code = tree_state()
     for method in rows:
         path = os.path.join(out_dir, "rows", slug(method) + ".json")
         if os.path.isfile(path) and not force:
             say(f"[skip] {method}: already in {path}")
             continue
         say(f"[run ] {method}")
-        rec = run_row(ctx, method, opt, out_dir, say, cache_dir)
+        rec = run_row(ctx, method, opt, out_dir, say, cache_dir, code)
         if _checksum(ctx.model) != base_sum:
             raise RuntimeError(f"{method}: the shared base model was modified")
         extra = "" if rec["ppl_compiled"] is None else \
