@@ -8,7 +8,7 @@ Public names load on first use (PEP 562), so ``import patchc.learn`` stays light
   calibrated one decoder block at a time (optionally on the already-pruned blocks' outputs);
   SparseGPT's updated weights returned on request;
 - :func:`reconstruct_weights` — the least-squares update of a plan's kept weights (SparseGPT's
-  OBS update with the mask fixed), one decoder block at a time;
+  OBS update with the mask fixed, 0.3 of it by default), one decoder block at a time;
 - :func:`masked_forward` — run a model with a plan's masks applied on the fly.
 """
 from __future__ import annotations

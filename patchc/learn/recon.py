@@ -1,6 +1,7 @@
 """Weight reconstruction for a given plan: the kept weights of every planned linear are updated,
-layer by layer, to minimise ‖X·Wᵀ − X·(W′ ⊙ M)ᵀ‖² on the calibration activations — SparseGPT's
-OBS update with the mask fixed (:func:`patchc.learn.sparsegpt.sparsegpt_prune` with ``mask=``).
+layer by layer, toward the minimum of ‖X·Wᵀ − X·(W′ ⊙ M)ᵀ‖² on the calibration activations —
+SparseGPT's OBS update with the mask fixed (:func:`patchc.learn.sparsegpt.sparsegpt_prune` with
+``mask=``), damped, and taken in part (:data:`RECON_STRENGTH` of it by default).
 
 Calibration streams one decoder block at a time (one block's XᵀX matrices alive at once); with
 ``sequential`` (the default) each block is calibrated on the outputs of the blocks before it
