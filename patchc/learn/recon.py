@@ -41,7 +41,7 @@ RECON_PERCDAMP = SPARSEGPT_PERCDAMP
 #: 0.3 · (W′ − W ⊙ M), each block calibrated on its predecessors' weakened updates.  The full update
 #: fits the calibration genres: on SmolLM2-135M's learned joint plans (2:4 prior gap 4; Hamlet+Macbeth /
 #: GPL-3 / Britannica, 32 evaluation windows each, 128 calibration windows) it gained 1.6 / 2.4 / 1.7 %
-#: in domain and lost 4.4 / 4.7 / 4.7 % on GPL-3 at 25 / 35 / 45 %; at 0.3 the 25 % plan went from
+#: in domain and lost 4.3 / 4.7 / 4.7 % on GPL-3 at 25 / 35 / 45 %; at 0.3 the 25 % plan went from
 #: 59.27 / 37.28 / 62.02 (mask only) to 58.39 / 37.15 / 61.55 (0.5: 58.06 / 37.33 / 61.47, full:
 #: 58.34 / 38.90 / 62.14), and every joint and tile plan of the quality bench gained on every text
 #: (``bench/results/quality/NOTES.md``).
