@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import time
 
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
         m = copy.deepcopy(model)
         m.load_state_dict({f"{k}.weight": v for k, v in w.items()}, strict=False)
         return patchc.apply_plan(m, plan)
-    for d, dd, st in ((d, dd, st) for d in damps for dd in diagdamps for st in strengths):
+    for d, dd, st in itertools.product(damps, diagdamps, strengths):
         t0 = time.perf_counter()
         w = reconstruct_weights(model, plan, calib, sequential=True, percdamp=d, diagdamp=dd, strength=st)
         secs = time.perf_counter() - t0
