@@ -192,7 +192,7 @@ def make_plan(ctx: Context, method: str, opt: Options, work_dir: str, say: Calla
                     calibration=None if opt.prior == "magnitude" else "one dense pass")
         return plan, model, info
     # learned rows
-    mode, target = ("joint", 0.5) if method == "learned 2:4" else (method.split(" ")[0].split("-")[1], _target(method))
+    mode, target = report.learned_mode(method), 0.5 if method == "learned 2:4" else _target(method)
     extra = {}
     if method.endswith(LATENCY):        # the density penalty weighted by the decode time a 2:4 tile saves
         from patchc.latency import density_weights, model_shapes

@@ -60,6 +60,17 @@ def ratios(r: dict, dense: Optional[dict]) -> dict:
     return out
 
 
+def learned_mode(method: str) -> Optional[str]:
+    """The learning mode of a learned row's method name: "tile" (patch-tile rows), "joint" (patch-joint
+    rows, learned 2:4), None for rows that learn nothing (one-shot, ``+ recon``)."""
+    if method == "learned 2:4":
+        return "joint"
+    if method.endswith(" + recon"):
+        return None
+    head = method.split(" ")[0]
+    return {"patch-tile": "tile", "patch-joint": "joint"}.get(head)
+
+
 def learned_pair(r: dict, tile_key: str, pattern_key: str) -> str:
     """A learned row's option for the tile logits / the 2:4 pattern logits ("0.005 / 0.0005"); the tile
     value alone for tile mode (no 2:4 logits); "" for rows that learn nothing.  A pattern option of
@@ -68,7 +79,7 @@ def learned_pair(r: dict, tile_key: str, pattern_key: str) -> str:
     if not r.get("steps") or o.get(tile_key) is None:
         return ""
     a = o[tile_key]
-    if r.get("method", "").startswith("patch-tile"):
+    if learned_mode(r.get("method", "")) == "tile":
         return f"{a:g}"
     b = o.get(pattern_key)
     return f"{a:g} / {a if b is None else b:g}"

@@ -158,6 +158,16 @@ def test_learned_options_render_per_mode():
     assert learned_pair({"method": "patch-joint 25% + recon", "steps": 0, "options": opts}, "lr", "lr_24") == ""
 
 
+def test_learned_mode_of_every_row():
+    from bench.quality import ALL_ROWS
+    from bench.quality_report import learned_mode
+    modes = {m: learned_mode(m) for m in ALL_ROWS}
+    assert modes["patch-tile 35%"] == "tile" and modes["patch-joint 45%"] == "joint"
+    assert modes["learned 2:4"] == "joint" and modes["patch-joint 35% latency-aware"] == "joint"
+    learned = {m for m, mode in modes.items() if mode}
+    assert learned == {m for m in ALL_ROWS if m.startswith("patch-") and not m.endswith(" + recon")} | {"learned 2:4"}
+
+
 def test_weights_cell_says_how_much_of_the_update_a_recon_row_took():
     from bench.quality_report import weights_cell
     assert weights_cell({"method": "patch-joint 25%", "weights_updated": False}) == ""
