@@ -143,6 +143,12 @@ def test_targets_are_checked_on_the_rows():
     assert "higher predicted decode speedup (L40S) | 59.00 vs 60.00 / 44.00 vs 45.00 / 40.00 vs 40.00; 1.150× vs 1.100× | met |" in text
     assert "higher predicted decode speedup (H200) |" in text and "1.000× vs 1.000× | missed |" in text
     assert text.rstrip().endswith("| learned 2:4 | missed |")
+    # plans learned for different step counts: perplexities not compared; a lost speedup stays missed
+    for r in rows:
+        r["steps"] = 240 if r["method"].endswith("latency-aware") else 480
+    text = "\n".join(target_lines(rows))
+    assert ("(L40S) | learned 240 vs 480 steps: perplexities not compared; 1.150× vs 1.100× | pending |" in text)
+    assert "(H200) | learned 240 vs 480 steps: perplexities not compared; 1.000× vs 1.000× | missed |" in text
 
 
 def test_learned_options_render_per_mode():
