@@ -208,18 +208,16 @@ def target_lines(rows: list[dict]) -> list[str]:
         if m.endswith(" latency-aware") and m[: -len(" latency-aware")] in done:
             base = done[m[: -len(" latency-aware")]]
             keys = [k for k in ("ppl",) + OOD if r.get(k) is not None and base.get(k) is not None]
-            same = all(r[k] <= base[k] for k in keys)
             # perplexities compare only between plans learned as long (a lost speedup is lost either way)
-            steps = (r.get("steps"), base.get("steps"))
+            if r.get("steps") == base.get("steps"):
+                vals, same = " / ".join(f"{r[k]:.2f} vs {base[k]:.2f}" for k in keys), all(r[k] <= base[k] for k in keys)
+            else:
+                vals, same = f"learned {r.get('steps')} vs {base.get('steps')} steps: perplexities not compared", None
             for dev, key in (("H200", "pred_decode_speedup"), ("L40S", "pred_decode_speedup_l40s")):
                 a, b = r.get(key), base.get(key)
                 if a is None or b is None:
                     continue
-                if steps[0] == steps[1]:
-                    vals, ok = " / ".join(f"{r[k]:.2f} vs {base[k]:.2f}" for k in keys), same and a > b
-                else:
-                    vals = f"learned {steps[0]} vs {steps[1]} steps: perplexities not compared"
-                    ok = False if a <= b else None
+                ok = False if a <= b else same
                 out.append(f"| {m}: ppl ≤ by count on every text, higher predicted decode speedup ({dev}) | "
                            f"{vals}; {a:.3f}× vs {b:.3f}× | {_status(ok)} |")
     bad = [m for m, r in done.items() if r.get("rel_diff") is not None and r["rel_diff"] > 1e-4]
